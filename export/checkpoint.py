@@ -1,0 +1,124 @@
+"""What a checkpoint is: its task, labels, pooling and max length, read from its config files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import ExportError
+from sidecar.models.manifest import Pooling, Task
+from sidecar.tasks.embed import POOLING_MODES
+
+# sentence-transformers Pooling flags -> the sidecar's pooling mode names.
+_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# Tokenizers without a real limit report a huge sentinel as model_max_length.
+_NO_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """The facts the manifest needs from a checkpoint."""
+
+    task: Task
+    max_length: int
+    labels: tuple[str, ...] = ()
+    multi_label: bool = False
+    pooling: Pooling | None = None
+    sentence_transformers: bool = False
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _st_modules(path: Path) -> list[dict[str, Any]]:
+    file = path / "modules.json"
+    return json.loads(file.read_text()) if file.is_file() else []
+
+
+def _pooling(
+    path: Path, modules: list[dict[str, Any]], override: str | None, normalize: bool | None
+) -> Pooling:
+    mode = override
+    pooling_dirs = [m["path"] for m in modules if m.get("type", "").endswith("models.Pooling")]
+    if mode is None and pooling_dirs:
+        flags = _json(path / pooling_dirs[0] / "config.json")
+        modes = [name for flag, name in _POOLING_FLAGS.items() if flags.get(flag)]
+        if len(modes) != 1:
+            raise ExportError(
+                f"{path / pooling_dirs[0]} combines pooling modes {modes or 'none'}; the sidecar "
+                f"serves exactly one of {', '.join(POOLING_MODES)}: pass --pooling"
+            )
+        mode = modes[0]
+    if mode not in POOLING_MODES:
+        raise ExportError(f"pooling {mode!r} is not one of {', '.join(POOLING_MODES)}")
+    if normalize is None:
+        normalize = any(m.get("type", "").endswith("models.Normalize") for m in modules)
+    return Pooling(mode=mode, normalize=normalize)
+
+
+def detect_task(path: Path) -> Task:
+    """feature-extraction for sentence-transformers and bare encoders, else by architecture."""
+    if _st_modules(path):
+        return Task.EMBED
+    architectures = _json(path / "config.json").get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return Task.CLASSIFY
+    if any(a.endswith("Model") for a in architectures):
+        return Task.EMBED
+    raise ExportError(
+        f"cannot tell the task of {path} (architectures {architectures}): pass --task "
+        f"{' or '.join(t.value for t in Task)}"
+    )
+
+
+def inspect(
+    path: Path,
+    task: Task,
+    max_length: int | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+) -> CheckpointInfo:
+    """Read task-specific facts; flags override what the checkpoint says."""
+    config = _json(path / "config.json")
+    if not config:
+        raise ExportError(f"{path} has no config.json: it is not a transformers checkpoint")
+    modules = _st_modules(path)
+    positions = config.get("max_position_embeddings")
+    limit = max_length
+    if limit is None and modules:
+        limit = _json(path / "sentence_bert_config.json").get("max_seq_length")
+    if limit is None:
+        tokenizer_limit = _json(path / "tokenizer_config.json").get("model_max_length")
+        if isinstance(tokenizer_limit, int) and tokenizer_limit < _NO_LIMIT:
+            limit = tokenizer_limit
+    if limit is None:
+        limit = positions
+    if not isinstance(limit, int) or limit < 2:
+        raise ExportError(f"cannot tell the max input length of {path}: pass --max-length")
+    if isinstance(positions, int) and limit > positions:
+        limit = positions
+    if task is Task.EMBED:
+        return CheckpointInfo(
+            task=task,
+            max_length=limit,
+            pooling=_pooling(path, modules, pooling, normalize),
+            sentence_transformers=bool(modules),
+        )
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        raise ExportError(f"{path}/config.json has no id2label: a classifier needs label names")
+    labels = tuple(id2label[k] for k in sorted(id2label, key=int))
+    multi = config.get("problem_type") == "multi_label_classification"
+    return CheckpointInfo(task=task, max_length=limit, labels=labels, multi_label=multi)

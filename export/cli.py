@@ -1,0 +1,80 @@
+"""`sidecar-export`: turn a checkpoint (local dir or Hub id) into a servable model dir."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sidecar.errors import SidecarError
+from sidecar.models.manifest import Task
+from sidecar.tasks.embed import POOLING_MODES
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sidecar-export` command."""
+    parser = argparse.ArgumentParser(prog="sidecar-export", description=__doc__)
+    parser.add_argument("source", help="checkpoint directory, or a Hub id such as org/model")
+    parser.add_argument("out", type=Path, help="model dir to create")
+    parser.add_argument(
+        "--task", choices=[t.value for t in Task], help="default: detected from the checkpoint"
+    )
+    parser.add_argument("--revision", help="Hub branch, tag or commit (Hub ids only)")
+    parser.add_argument("--name", help="model name callers use (default: the out dir's name)")
+    parser.add_argument(
+        "--max-length", type=int, help="longest input in tokens (default: from the checkpoint)"
+    )
+    parser.add_argument(
+        "--pooling", choices=POOLING_MODES, help="embedding pooling (default: from 1_Pooling)"
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="normalize embeddings by default (default: on if the checkpoint ends in Normalize)",
+    )
+    parser.add_argument(
+        "--atol", type=float, default=1e-4, help="largest allowed difference from PyTorch"
+    )
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: optimum's choice)")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="run the checkpoint's own Python code"
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing model dir")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from export.pipeline import export_model
+
+    try:
+        manifest = export_model(
+            args.source,
+            args.out,
+            task=Task(args.task) if args.task else None,
+            revision=args.revision,
+            name=args.name,
+            max_length=args.max_length,
+            pooling=args.pooling,
+            normalize=args.normalize,
+            atol=args.atol,
+            opset=args.opset,
+            allow_pickle=args.allow_pickle,
+            trust_remote_code=args.trust_remote_code,
+            force=args.force,
+        )
+    except SidecarError as exc:
+        print(f"sidecar-export: {exc}", file=sys.stderr)
+        return 1
+    validation = manifest["validation"]
+    print(
+        f"exported {manifest['name']} ({manifest['task']}) to {args.out}: max |ONNX - PyTorch| "
+        f"{validation['max_abs_diff']:.2e} over {len(validation['cases'])} batches "
+        f"(atol {validation['atol']:.0e})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

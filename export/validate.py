@@ -1,0 +1,102 @@
+"""Validation: the exported dir, run through the sidecar's own tokenizer and ONNX backend,
+against the PyTorch model with transformers' tokenizer, on several input shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.checkpoint import CheckpointInfo
+from sidecar.errors import ValidationError
+from sidecar.models.manifest import Task
+from sidecar.runtime.onnx import OnnxBackend
+from sidecar.tasks import embed
+from sidecar.tasks.tokenization import TextEncoder
+
+SHORT = "Refund not received after 14 days."
+MIXED = [
+    "My invoice is wrong.",
+    "The app crashes whenever I upload a photo larger than 10 MB; please advise, it's urgent!",
+    "Café déjà vu — naïve façade, 東京 and emoji 🚀 all in one ticket.",
+    "ok",
+]
+
+
+def cases(max_length: int) -> list[list[str]]:
+    """Batches of different shapes: one short input, a padded mix, and over-long inputs."""
+    long_text = " ".join(["The customer reports the export fails on large reports."] * max_length)
+    return [[SHORT], MIXED, [long_text, long_text[: len(long_text) // 3]]]
+
+
+def _torch_outputs(
+    model: Any, tokenizer: Any, texts: list[str], max_length: int
+) -> tuple[Any, Any]:
+    import torch
+
+    batch = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        output = model(**batch)
+    return batch, output
+
+
+def validate(
+    source: Path, exported: Path, info: CheckpointInfo, atol: float, trust_remote_code: bool
+) -> dict[str, Any]:
+    """Compare outputs case by case; raise ValidationError above atol or on a tokenizer mismatch."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_class = AutoModel if info.task is Task.EMBED else AutoModelForSequenceClassification
+    model = model_class.from_pretrained(source, trust_remote_code=trust_remote_code).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    encoder = TextEncoder(exported, info.max_length)
+    backend = OnnxBackend(exported / "model.onnx", "cpu")
+
+    results = []
+    worst = 0.0
+    for texts in cases(info.max_length):
+        reference_batch, reference = _torch_outputs(model, tokenizer, texts, info.max_length)
+        batch = encoder.encode(texts, truncate=True)
+        if not np.array_equal(reference_batch["input_ids"].numpy(), batch.input_ids):
+            raise ValidationError(
+                f"the exported tokenizer gives other ids than the checkpoint's tokenizer for "
+                f"{texts[0][:40]!r}...: the model would see different text than it was trained on"
+            )
+        outputs = backend.run(
+            {
+                "input_ids": batch.input_ids,
+                "attention_mask": batch.attention_mask,
+                "token_type_ids": batch.token_type_ids,
+            }
+        )
+        if info.task is Task.EMBED:
+            assert info.pooling is not None
+            expected_hidden = reference.last_hidden_state.numpy()
+            mask = batch.attention_mask
+            diffs = [
+                float(
+                    np.abs((outputs["last_hidden_state"] - expected_hidden) * mask[..., None]).max()
+                ),
+                float(
+                    np.abs(
+                        embed.pool(outputs["last_hidden_state"], mask, info.pooling.mode)
+                        - embed.pool(expected_hidden, mask, info.pooling.mode)
+                    ).max()
+                ),
+            ]
+        else:
+            diffs = [float(np.abs(outputs["logits"] - reference.logits.numpy()).max())]
+        diff = max(diffs)
+        worst = max(worst, diff)
+        results.append(
+            {"batch": len(texts), "seq_len": int(batch.input_ids.shape[1]), "max_abs_diff": diff}
+        )
+        if diff > atol:
+            raise ValidationError(
+                f"ONNX outputs differ from PyTorch by {diff:.2e} (atol {atol:.0e}) on a batch of "
+                f"{len(texts)} x {batch.input_ids.shape[1]} tokens: the export is not faithful"
+            )
+    return {"atol": atol, "max_abs_diff": worst, "cases": results}

@@ -1,0 +1,77 @@
+"""`sidecar serve` runs the server; `sidecar client ...` calls one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import Settings, load_settings
+from sidecar.errors import SidecarError
+
+log = logging.getLogger("sidecar")
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve model dirs over gRPC",
+        description="Serve model dirs over gRPC. Flags override SIDECAR_* variables, "
+        "which override the config file.",
+    )
+    serve.add_argument("--config", type=Path, help="YAML settings file (or SIDECAR_CONFIG)")
+    for item in fields(Settings):
+        flag = "--" + item.name.replace("_", "-")
+        help_text = item.metadata["help"] + f" [SIDECAR_{item.name.upper()}]"
+        if item.name == "models":
+            serve.add_argument(
+                "--model", dest="models", action="append", metavar="[NAME=]DIR", help=help_text
+            )
+        elif item.type in (bool, "bool"):
+            serve.add_argument(
+                flag, dest=item.name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            serve.add_argument(flag, dest=item.name, metavar="VALUE", help=help_text)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
+    settings = load_settings(flags, config_file=args.config)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from sidecar.grpc.server import serve  # grpc and onnxruntime load only when serving
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sidecar` command."""
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    from sidecar import client
+
+    client.add_parser(commands)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return int(args.run(args))
+    except SidecarError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`sidecar client`: call a running sidecar from the shell, to see a call working."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar.v1 import inference_pb2 as pb
+from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+PREVIEW = 8
+
+
+def _print(message: Message) -> None:
+    print(
+        json.dumps(
+            MessageToDict(message, preserving_proto_field_name=True), indent=2, ensure_ascii=False
+        )
+    )
+
+
+def _embed(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
+    response: pb.EmbedResponse = stub.Embed(
+        pb.EmbedRequest(model=args.model, inputs=args.texts), timeout=args.timeout
+    )
+    if not args.full:
+        # Show a few values of each vector; --full prints them all.
+        for embedding in response.embeddings:
+            del embedding.values[PREVIEW:]
+    return response
+
+
+def _classify(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
+    return stub.Classify(
+        pb.ClassifyRequest(model=args.model, inputs=args.texts, top_k=args.top_k),
+        timeout=args.timeout,
+    )
+
+
+def _tokenize(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
+    return stub.Tokenize(
+        pb.TokenizeRequest(model=args.model, inputs=args.texts), timeout=args.timeout
+    )
+
+
+def _call(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            if args.call == "models":
+                _print(
+                    models_pb2_grpc.ModelsStub(channel).ListModels(
+                        models_pb2.ListModelsRequest(), timeout=args.timeout
+                    )
+                )
+            elif args.call == "health":
+                stub = health_pb2_grpc.HealthStub(channel)
+                _print(
+                    stub.Check(
+                        health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                    )
+                )
+            else:
+                calls = {"embed": _embed, "classify": _classify, "tokenize": _tokenize}
+                _print(calls[args.call](inference_pb2_grpc.InferenceStub(channel), args))
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def add_parser(commands: Any) -> None:
+    """Add `client` and its calls to the `sidecar` command."""
+    client = commands.add_parser("client", help="call a running sidecar", description=__doc__)
+    client.add_argument("--address", default="127.0.0.1:50051", help="host:port or unix:/path.sock")
+    client.add_argument("--model", default="", help="model name (default: the server's default)")
+    client.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    client.set_defaults(run=_call)
+    calls = client.add_subparsers(dest="call", required=True)
+    embed = calls.add_parser("embed", help="embed texts")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--full", action="store_true", help="print every value, not the first 8")
+    classify = calls.add_parser("classify", help="classify texts")
+    classify.add_argument("texts", nargs="+")
+    classify.add_argument("--top-k", type=int, default=0, help="best k labels (0: all)")
+    tokenize = calls.add_parser("tokenize", help="tokenize texts")
+    tokenize.add_argument("texts", nargs="+")
+    calls.add_parser("models", help="list the served models")
+    health = calls.add_parser("health", help="check grpc.health.v1")
+    health.add_argument("--service", default="", help="service name ('' = overall)")

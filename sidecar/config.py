@@ -1,0 +1,212 @@
+"""One settings object, built once in main: flags > SIDECAR_* environment > YAML file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from sidecar.errors import ConfigError
+
+ENV_PREFIX = "SIDECAR_"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One model dir to serve and how to run it."""
+
+    path: Path
+    # Name callers use; defaults to the name in the manifest, else the dir name.
+    name: str | None = None
+    # "cpu", "cuda" or "cuda:<index>"; None takes Settings.device.
+    device: str | None = None
+    # ONNX Runtime intra-op threads; None takes Settings.intra_op_threads.
+    intra_op_threads: int | None = None
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads at start-up. Field names are also the YAML keys."""
+
+    address: str = _setting(
+        "127.0.0.1:50051",
+        "host:port or unix:/path.sock to listen on; loopback by default (callers share the pod)",
+    )
+    models: tuple[ModelSettings, ...] = _setting((), "model dirs to serve: path or name=path")
+    default_model: str | None = _setting(
+        None, "model for requests with an empty `model` (default: the first)"
+    )
+    max_client_batch_size: int = _setting(64, "most inputs one unary call or Stream item may carry")
+    max_message_bytes: int = _setting(
+        16 * 1024 * 1024, "largest request or response message, in bytes"
+    )
+    stream_max_in_flight: int = _setting(
+        32, "items in flight on one Stream before the server stops reading it"
+    )
+    grace_period_s: float = _setting(10.0, "seconds in-flight calls get to finish after SIGTERM")
+    device: str = _setting("cpu", "default device: cpu, cuda or cuda:<index>")
+    intra_op_threads: int = _setting(0, "ONNX Runtime threads per operator; 0 = one per core")
+    inference_workers: int = _setting(1, "threads running forward passes (each runs one at a time)")
+    verify_checksums: bool = _setting(
+        True, "check every model file's sha256 against the manifest at load"
+    )
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def model_device(self, model: ModelSettings) -> str:
+        """The device a model runs on."""
+        return model.device or self.device
+
+    def model_threads(self, model: ModelSettings) -> int:
+        """The ONNX Runtime intra-op thread count of a model."""
+        return self.intra_op_threads if model.intra_op_threads is None else model.intra_op_threads
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """Split "cpu", "cuda" or "cuda:1" into kind and index."""
+    kind, sep, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (sep and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"device {device!r} is not one of cpu, cuda, cuda:<index>")
+    return kind, int(index or 0)
+
+
+def parse_model_spec(spec: str) -> ModelSettings:
+    """Parse "path" or "name=path" (the --model flag and SIDECAR_MODELS entries)."""
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("empty model spec: give a model dir path, or name=path")
+    name, sep, path = spec.partition("=")
+    if not sep:
+        return ModelSettings(path=Path(spec))
+    if not name or not path:
+        raise ConfigError(f"model spec {spec!r} must look like name=path/to/model-dir")
+    return ModelSettings(path=Path(path), name=name)
+
+
+def _model_from_yaml(entry: Any) -> ModelSettings:
+    if isinstance(entry, str):
+        return parse_model_spec(entry)
+    if not isinstance(entry, Mapping) or "path" not in entry:
+        raise ConfigError(f"each entry of 'models' needs a 'path'; got {entry!r}")
+    known = {f.name for f in fields(ModelSettings)}
+    unknown = set(entry) - known
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)} in a 'models' entry; known: {sorted(known)}"
+        )
+    values = dict(entry)
+    values["path"] = Path(str(values["path"]))
+    return ModelSettings(**values)
+
+
+def _scalar_type(annotation: Any) -> type:
+    """The concrete type behind `int`, `str | None` and the like."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _scalar_type(inner)
+    if not isinstance(annotation, type):
+        raise TypeError(f"unsupported settings type {annotation!r}")
+    return annotation
+
+
+def _coerce(name: str, raw: Any, annotation: Any) -> Any:
+    if raw is None:
+        return None
+    kind = _scalar_type(annotation)
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind in (int, float) and isinstance(raw, bool):
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"setting {name!r}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def _validate(settings: Settings) -> Settings:
+    positive = ("max_client_batch_size", "max_message_bytes", "stream_max_in_flight")
+    for name in (*positive, "inference_workers"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"setting {name!r} must be at least 1, got {getattr(settings, name)}")
+    if settings.intra_op_threads < 0 or settings.grace_period_s < 0:
+        raise ConfigError("intra_op_threads and grace_period_s must not be negative")
+    for model in settings.models:
+        parse_device(settings.model_device(model))
+    if not settings.models:
+        raise ConfigError(
+            "no model to serve: pass --model path/to/model-dir (or name=path), "
+            "set SIDECAR_MODELS, or list 'models' in the config file"
+        )
+    return settings
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Merge the three sources over the defaults, validate, and return the settings.
+
+    `flags` holds only the flags the user gave (None values are ignored); `env` defaults
+    to os.environ; the file is `config_file`, else $SIDECAR_CONFIG, else none.
+    """
+    env = os.environ if env is None else env
+    hints = get_type_hints(Settings)
+    scalar_names = [f.name for f in fields(Settings) if f.name != "models"]
+    merged: dict[str, Any] = {}
+    models: tuple[ModelSettings, ...] = ()
+
+    path = config_file or (
+        Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else None
+    )
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+        unknown = set(loaded) - set(hints)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {sorted(unknown)} in {path}; known: {sorted(hints)}"
+            )
+        for name in scalar_names:
+            if name in loaded:
+                merged[name] = _coerce(name, loaded[name], hints[name])
+        models = tuple(_model_from_yaml(m) for m in loaded.get("models") or ())
+
+    for name in scalar_names:
+        raw = env.get(f"{ENV_PREFIX}{name.upper()}")
+        if raw is not None and raw != "":
+            merged[name] = _coerce(name, raw, hints[name])
+    if env.get(f"{ENV_PREFIX}MODELS"):
+        models = tuple(parse_model_spec(s) for s in env[f"{ENV_PREFIX}MODELS"].split(","))
+
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        if name == "models":
+            models = tuple(parse_model_spec(s) for s in value) if value else models
+        elif name in hints:
+            merged[name] = _coerce(name, value, hints[name])
+        else:
+            raise ConfigError(f"unknown setting {name!r}")
+
+    return _validate(dataclasses.replace(Settings(), models=models, **merged))

@@ -1,0 +1,150 @@
+"""The configured models by name, their load state, and routing a call to one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.config import ModelSettings, Settings
+from sidecar.domain import ModelState, ModelStatus
+from sidecar.errors import (
+    ConfigError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    SidecarError,
+    WrongTaskError,
+)
+from sidecar.models.loader import load_model
+from sidecar.models.manifest import Manifest, Task, read_manifest
+from sidecar.models.served import ServedModel
+from sidecar.runtime.devices import canonical_device
+
+log = logging.getLogger(__name__)
+
+OnState = Callable[[str, ModelState], Awaitable[None]]
+
+
+@dataclass
+class _Entry:
+    settings: ModelSettings
+    status: ModelStatus
+    model: ServedModel | None = None
+
+
+def _name_and_manifest(model: ModelSettings) -> tuple[str, Manifest | None, str]:
+    """Read the manifest early so a model is listed under its real name even if it fails."""
+    try:
+        manifest = read_manifest(model.path)
+    except ModelLoadError as exc:
+        return model.name or Path(model.path).name, None, str(exc)
+    return model.name or manifest.name, manifest, ""
+
+
+class ModelRegistry:
+    """Knows every configured model; hands out only the ones that are serving."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._entries: dict[str, _Entry] = {}
+        for model in settings.models:
+            name, manifest, error = _name_and_manifest(model)
+            if name in self._entries:
+                raise ConfigError(
+                    f"two models are named {name!r}: give one another name (name=path)"
+                )
+            status = ModelStatus(
+                name=name,
+                state=ModelState.FAILED if error else ModelState.LOADING,
+                backend="onnx",
+                device=canonical_device(settings.model_device(model)),
+                manifest=manifest,
+                error=error,
+                task=manifest.task if manifest else None,
+            )
+            self._entries[name] = _Entry(model, status)
+        self.default_name = settings.default_model or next(iter(self._entries))
+        if self.default_name not in self._entries:
+            raise ConfigError(
+                f"default_model {self.default_name!r} is not among the models: {self.names_text()}"
+            )
+
+    def names_text(self) -> str:
+        """Served model names for error messages."""
+        return ", ".join(repr(n) for n in self._entries)
+
+    async def load_all(self, executor: Executor, on_state: OnState) -> None:
+        """Load every model on the executor, one after another; a failure fails only its model.
+
+        on_state(name, state) is awaited as each model settles (health reporting).
+        """
+        loop = asyncio.get_running_loop()
+        for entry in self._entries.values():
+            await self._load(loop, executor, entry)
+            await on_state(entry.status.name, entry.status.state)
+
+    async def _load(
+        self, loop: asyncio.AbstractEventLoop, executor: Executor, entry: _Entry
+    ) -> None:
+        manifest = entry.status.manifest
+        if manifest is None:
+            log.error("model %s refused: %s", entry.status.name, entry.status.error)
+            return
+        try:
+            entry.model = await loop.run_in_executor(
+                executor,
+                load_model,
+                entry.status.name,
+                entry.settings.path,
+                manifest,
+                entry.status.device,
+                self._settings.model_threads(entry.settings),
+                self._settings.verify_checksums,
+            )
+        except SidecarError as exc:
+            log.error("model %s refused: %s", entry.status.name, exc)
+            entry.status.state, entry.status.error = ModelState.FAILED, str(exc)
+        else:
+            entry.status.state = ModelState.SERVING
+
+    def __iter__(self) -> Iterator[ModelStatus]:
+        return (entry.status for entry in self._entries.values())
+
+    def status(self, name: str) -> ModelStatus:
+        """A model's status by name (empty: the default model)."""
+        return self._entry(name).status
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name or self.default_name)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"no model named {name!r}; this sidecar serves {self.names_text()} "
+                "(leave model empty for the default)"
+            )
+        return entry
+
+    def resolve(self, name: str, task: Task | None = None, rpc: str = "") -> ServedModel:
+        """The serving model for a call, checked against the task the call needs."""
+        entry = self._entry(name)
+        status = entry.status
+        if task is not None and status.task is not None and status.task is not task:
+            able = [e.status.name for e in self._entries.values() if e.status.task is task]
+            hint = f"models that do: {', '.join(able)}" if able else "no served model does"
+            raise WrongTaskError(
+                f"model {status.name!r} does {status.task.value}, but {rpc} needs a "
+                f"{task.value} model; {hint}"
+            )
+        if status.state is ModelState.LOADING:
+            raise ModelNotReadyError(f"model {status.name!r} is still loading; retry shortly")
+        if status.state is ModelState.FAILED or entry.model is None:
+            raise ModelNotReadyError(f"model {status.name!r} failed to load: {status.error}")
+        return entry.model
+
+    @property
+    def serving(self) -> bool:
+        """True when at least one model serves."""
+        return any(e.status.state is ModelState.SERVING for e in self._entries.values())

@@ -1,0 +1,145 @@
+"""Requests and results as plain dataclasses: what the dataplane takes and returns.
+
+Protobuf stops at sidecar/grpc; everything below it speaks these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+import numpy.typing as npt
+
+from sidecar.models.manifest import Manifest, Task
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Embed `inputs`; normalize None means the model's default."""
+
+    model: str
+    inputs: Sequence[str]
+    normalize: bool | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    """Classify `inputs`; top_k 0 means every label."""
+
+    model: str
+    inputs: Sequence[str]
+    top_k: int = 0
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """Tokenize `inputs` with the model's tokenizer."""
+
+    model: str
+    inputs: Sequence[str]
+    add_special_tokens: bool = True
+    truncate: bool = False
+
+
+@dataclass
+class CallInfo:
+    """Which model ran a call and where its time went (microseconds)."""
+
+    model: str
+    revision: str
+    backend: str
+    device: str
+    queue_us: int = 0
+    tokenize_us: int = 0
+    inference_us: int = 0
+    postprocess_us: int = 0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One input's vector and what the model saw of it."""
+
+    values: npt.NDArray[np.float32]
+    token_count: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Embeddings in input order."""
+
+    embeddings: list[Embedding]
+    dimensions: int
+    info: CallInfo
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """A label's probability."""
+
+    label: str
+    score: float
+    id: int
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One input's labels, best first."""
+
+    labels: list[LabelScore]
+    token_count: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """Classifications in input order."""
+
+    results: list[Classification]
+    multi_label: bool
+    info: CallInfo
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One input's tokens with code-point offsets."""
+
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """Tokens in input order."""
+
+    results: list[Tokens]
+    max_length: int
+    info: CallInfo
+
+
+class ModelState(Enum):
+    """Where a configured model is in its life."""
+
+    LOADING = "loading"
+    SERVING = "serving"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelStatus:
+    """A configured model as ListModels / GetModel describe it."""
+
+    name: str
+    state: ModelState
+    backend: str
+    device: str
+    manifest: Manifest | None = None
+    error: str = ""
+    task: Task | None = field(default=None)

@@ -1,0 +1,78 @@
+"""The sidecar's one exception tree.
+
+Domain code raises these; `sidecar.grpc.status` maps each class to a gRPC status code in
+one table. Messages are written for the caller: what was wrong and how to fix it.
+
+    SidecarError
+    ├── InvalidInputError          client mistake in the request        INVALID_ARGUMENT
+    ├── ModelNotFoundError         no model of that name                NOT_FOUND
+    ├── WrongTaskError             the model does not do this task      FAILED_PRECONDITION
+    ├── ModelNotReadyError         loading, failed, or shutting down    UNAVAILABLE
+    ├── DeadlineExceededError      the call's deadline passed           DEADLINE_EXCEEDED
+    ├── OverloadedError            a bounded queue is full              RESOURCE_EXHAUSTED
+    ├── CancelledError             the caller cancelled the work        CANCELLED
+    ├── NotImplementedYetError     the RPC exists but is not available  UNIMPLEMENTED
+    ├── ModelLoadError             a model dir cannot be served         (load time only)
+    │   └── ChecksumMismatchError  a file differs from its manifest
+    ├── ExportError                a checkpoint cannot be exported      (export time only)
+    │   └── ValidationError        ONNX outputs differ from PyTorch beyond atol
+    └── ConfigError                settings that cannot work            (start-up only)
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar raises on purpose."""
+
+
+class InvalidInputError(SidecarError):
+    """The request itself is wrong; retrying it unchanged cannot succeed."""
+
+
+class ModelNotFoundError(SidecarError):
+    """The request names a model this sidecar does not serve."""
+
+
+class WrongTaskError(SidecarError):
+    """The model exists but does a different task than the call needs."""
+
+
+class ModelNotReadyError(SidecarError):
+    """The model (or the server) cannot take calls right now; retry later or elsewhere."""
+
+
+class DeadlineExceededError(SidecarError):
+    """The call's deadline passed before its work was done."""
+
+
+class OverloadedError(SidecarError):
+    """A bounded queue or concurrency limit is full."""
+
+
+class CancelledError(SidecarError):
+    """The caller cancelled the work."""
+
+
+class NotImplementedYetError(SidecarError):
+    """The contract names this call but this server version does not provide it."""
+
+
+class ModelLoadError(SidecarError):
+    """A model dir cannot be served: missing files, bad manifest, failed preflight."""
+
+
+class ChecksumMismatchError(ModelLoadError):
+    """A file in the model dir does not match the sha256 its manifest records."""
+
+
+class ExportError(SidecarError):
+    """A checkpoint cannot be turned into a model dir."""
+
+
+class ValidationError(ExportError):
+    """The exported model's outputs differ from the PyTorch model's beyond the tolerance."""
+
+
+class ConfigError(SidecarError):
+    """The settings cannot work; raised at start-up, before anything is served."""

@@ -1,0 +1,1 @@
+"""Transport: servicers, protobuf <-> domain converters, status mapping, the server."""

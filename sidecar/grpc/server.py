@@ -1,0 +1,128 @@
+"""The gRPC server: services, health, reflection, start-up and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from sidecar.config import Settings
+from sidecar.dataplane.registry import ModelRegistry
+from sidecar.dataplane.service import DataPlane
+from sidecar.domain import ModelState
+from sidecar.errors import ConfigError
+from sidecar.grpc.servicers import InferenceServicer, ModelsServicer
+from sidecar.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+MODELS = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def model_health_name(model: str) -> str:
+    """The grpc.health.v1 service name that reports one model."""
+    return f"{INFERENCE}/{model}"
+
+
+class SidecarServer:
+    """A started server. Use `await SidecarServer.start(settings)`, then `await stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings)
+        self._inference_pool = ThreadPoolExecutor(
+            settings.inference_workers, thread_name_prefix="inference"
+        )
+        self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+        self.dataplane = DataPlane(settings, self.registry, self._inference_pool)
+        self.health = HealthServicer()
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Two sidecars on one port would split traffic silently: fail to bind instead.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.dataplane), self._server
+        )
+        models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (
+                INFERENCE,
+                MODELS,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.port = 0
+        self.ready_seconds = 0.0
+
+    async def _report(self, name: str, state: ModelState) -> None:
+        await self.health.set(
+            model_health_name(name), SERVING if state is ModelState.SERVING else NOT_SERVING
+        )
+
+    @classmethod
+    async def start(cls, settings: Settings) -> SidecarServer:
+        """Bind, start answering (health NOT_SERVING), load the models, then report SERVING."""
+        began = time.perf_counter()
+        self = cls(settings)
+        try:
+            self.port = self._server.add_insecure_port(settings.address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {settings.address}: {exc}") from None
+        for service in ("", INFERENCE, MODELS):
+            await self.health.set(service, NOT_SERVING)
+        for status in self.registry:
+            await self.health.set(model_health_name(status.name), NOT_SERVING)
+        await self._server.start()
+        log.info("listening on %s; loading %d model(s)", settings.address, len(settings.models))
+        await self.registry.load_all(self._load_pool, self._report)
+        if not self.registry.serving:
+            await self.stop(grace=0)
+            failed = "; ".join(f"{s.name}: {s.error}" for s in self.registry)
+            raise ConfigError(f"no model could be loaded ({failed})")
+        for service in ("", INFERENCE, MODELS):
+            await self.health.set(service, SERVING)
+        self.ready_seconds = time.perf_counter() - began
+        log.info("SERVING after %.2fs on %s", self.ready_seconds, settings.address)
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, give in-flight ones the grace period to finish."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._inference_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server stops."""
+        await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    server = await SidecarServer.start(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: draining in-flight calls for up to %.1fs", settings.grace_period_s)
+    await server.stop()
+    log.info("stopped")

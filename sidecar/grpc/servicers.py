@@ -1,0 +1,117 @@
+"""Thin servicers: convert, call the dataplane, convert back. No logic of their own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from sidecar.dataplane.service import DataPlane
+from sidecar.errors import NotImplementedYetError
+from sidecar.grpc import to_domain, to_proto
+from sidecar.grpc.status import abort, translates_errors
+from sidecar.grpc.stream import run_stream
+from sidecar.v1 import inference_pb2 as pb
+from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _not_yet(rpc: str, what: str) -> NotImplementedYetError:
+    return NotImplementedYetError(
+        f"{rpc} is part of the sidecar.v1 contract but not available in this server version; "
+        f"it needs {what}"
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """sidecar.v1.Inference."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    @translates_errors
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        """Embeddings for each input."""
+        result = await self._dataplane.embed(to_domain.embed(request), to_domain.deadline(context))
+        return to_proto.embed(result)
+
+    @translates_errors
+    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
+        """Label scores for each input."""
+        result = await self._dataplane.classify(
+            to_domain.classify(request), to_domain.deadline(context)
+        )
+        return to_proto.classify(result)
+
+    @translates_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        """Tokens for each input."""
+        result = await self._dataplane.tokenize(
+            to_domain.tokenize(request), to_domain.deadline(context)
+        )
+        return to_proto.tokenize(result)
+
+    @translates_errors
+    async def ExtractEntities(
+        self, request: pb.ExtractEntitiesRequest, context: Context
+    ) -> pb.ExtractEntitiesResponse:
+        """Not available yet."""
+        raise _not_yet("ExtractEntities", "a token-classification model export")
+
+    @translates_errors
+    async def Rerank(self, request: pb.RerankRequest, context: Context) -> pb.RerankResponse:
+        """Not available yet."""
+        raise _not_yet("Rerank", "a cross-encoder model export")
+
+    # grpc.aio accepts a coroutine for a server-streaming method that writes nothing.
+    async def Generate(  # type: ignore[override]
+        self, request: pb.GenerateRequest, context: Context
+    ) -> None:
+        """Not available yet."""
+        await abort(context, _not_yet("Generate", "a text-generation model export"))
+
+    async def Stream(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
+    ) -> AsyncIterator[pb.StreamResponse]:
+        """Items answered in completion order; a failed item does not end the stream."""
+        settings = self._dataplane.settings
+        responses = run_stream(
+            self._dataplane,
+            request_iterator,
+            settings.stream_max_in_flight,
+            to_domain.deadline(context),
+        )
+        try:
+            async for response in responses:
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+
+class ModelsServicer(models_pb2_grpc.ModelsServicer):
+    """sidecar.v1.Models."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._registry = dataplane.registry
+
+    @translates_errors
+    async def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: Context
+    ) -> models_pb2.ListModelsResponse:
+        """Every configured model."""
+        return models_pb2.ListModelsResponse(
+            models=[to_proto.model_info(status) for status in self._registry],
+            default_model=self._registry.default_name,
+        )
+
+    @translates_errors
+    async def GetModel(
+        self, request: models_pb2.GetModelRequest, context: Context
+    ) -> models_pb2.GetModelResponse:
+        """One model by name."""
+        status = self._registry.status(request.model)
+        return models_pb2.GetModelResponse(model=to_proto.model_info(status))

@@ -1,0 +1,69 @@
+"""The one place where sidecar errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.rpc import status_pb2
+
+from sidecar import errors
+
+log = logging.getLogger(__name__)
+
+CODES: dict[type[errors.SidecarError], grpc.StatusCode] = {
+    errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.WrongTaskError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.CancelledError: grpc.StatusCode.CANCELLED,
+    errors.NotImplementedYetError: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Code and caller-facing message for any exception; unexpected ones are logged, not leaked."""
+    if isinstance(exc, errors.SidecarError):
+        for kind in type(exc).__mro__:
+            if kind in CODES:
+                return CODES[kind], str(exc)
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error (ref %s)", ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details"
+
+
+def rpc_status(exc: BaseException) -> status_pb2.Status:
+    """A google.rpc.Status for a per-item error on Stream."""
+    code, message = status_of(exc)
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """End the call with the status mapped from exc."""
+    code, message = status_of(exc)
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def translates_errors(handler: F) -> F:
+    """Wrap a unary servicer method so every exception ends as a mapped status."""
+
+    @wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,115 @@
+"""Domain results -> protobuf responses."""
+
+from __future__ import annotations
+
+from sidecar.domain import (
+    CallInfo,
+    ClassifyResult,
+    EmbedResult,
+    ModelState,
+    ModelStatus,
+    TokenizeResult,
+)
+from sidecar.models.manifest import Task
+from sidecar.v1 import common_pb2, models_pb2
+from sidecar.v1 import inference_pb2 as pb
+
+TASKS = {
+    Task.EMBED: common_pb2.TASK_EMBED,
+    Task.CLASSIFY: common_pb2.TASK_CLASSIFY,
+}
+STATES = {
+    ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
+    ModelState.SERVING: models_pb2.MODEL_STATE_SERVING,
+    ModelState.FAILED: models_pb2.MODEL_STATE_FAILED,
+}
+
+
+def metadata(info: CallInfo) -> common_pb2.ResponseMetadata:
+    """ResponseMetadata from a CallInfo."""
+    return common_pb2.ResponseMetadata(
+        model=info.model,
+        revision=info.revision,
+        backend=info.backend,
+        device=info.device,
+        queue_us=info.queue_us,
+        tokenize_us=info.tokenize_us,
+        inference_us=info.inference_us,
+        postprocess_us=info.postprocess_us,
+        batch_size=info.batch_size,
+    )
+
+
+def embed(result: EmbedResult) -> pb.EmbedResponse:
+    """EmbedResponse in input order."""
+    return pb.EmbedResponse(
+        embeddings=[
+            pb.Embedding(values=e.values.tolist(), token_count=e.token_count, truncated=e.truncated)
+            for e in result.embeddings
+        ],
+        dimensions=result.dimensions,
+        metadata=metadata(result.info),
+    )
+
+
+def classify(result: ClassifyResult) -> pb.ClassifyResponse:
+    """ClassifyResponse in input order."""
+    return pb.ClassifyResponse(
+        results=[
+            pb.Classification(
+                labels=[pb.LabelScore(label=s.label, score=s.score, id=s.id) for s in c.labels],
+                token_count=c.token_count,
+                truncated=c.truncated,
+            )
+            for c in result.results
+        ],
+        multi_label=result.multi_label,
+        metadata=metadata(result.info),
+    )
+
+
+def tokenize(result: TokenizeResult) -> pb.TokenizeResponse:
+    """TokenizeResponse in input order."""
+    return pb.TokenizeResponse(
+        results=[
+            pb.Tokens(
+                ids=t.ids,
+                tokens=t.tokens,
+                offsets=[common_pb2.Span(start=a, end=b) for a, b in t.offsets],
+                token_count=len(t.ids),
+                truncated=t.truncated,
+            )
+            for t in result.results
+        ],
+        max_length=result.max_length,
+        metadata=metadata(result.info),
+    )
+
+
+def model_info(status: ModelStatus) -> models_pb2.ModelInfo:
+    """ModelInfo from a model's status and manifest."""
+    info = models_pb2.ModelInfo(
+        name=status.name,
+        task=TASKS[status.task] if status.task else common_pb2.TASK_UNSPECIFIED,
+        state=STATES[status.state],
+        error=status.error,
+        backend=status.backend,
+        device=status.device,
+    )
+    manifest = status.manifest
+    if manifest is not None:
+        info.revision = manifest.digest
+        info.source = manifest.source
+        info.source_revision = manifest.source_revision or ""
+        info.max_length = manifest.max_length
+        info.labels.extend(manifest.labels)
+        info.dimensions = manifest.dimensions
+        info.quantization = manifest.quantization
+        info.exported_by.update(manifest.exported_by)
+        if manifest.pooling is not None:
+            info.pooling = manifest.pooling.mode
+            info.normalize = manifest.pooling.normalize
+        if manifest.validation is not None:
+            info.validation_max_abs_diff = manifest.validation.max_abs_diff
+            info.validation_atol = manifest.validation.atol
+    return info

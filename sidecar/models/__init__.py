@@ -1,0 +1,1 @@
+"""Model dirs: the manifest, checksums, preflight checks, loading and warm-up."""

@@ -1,0 +1,66 @@
+"""Checks that catch a broken model dir at load time instead of as silent garbage at call time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import ModelLoadError
+from sidecar.models.manifest import Manifest, Task
+
+# Inputs the sidecar knows how to feed from a tokenizer's output.
+FEEDABLE_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The checkpoint's config.json (an empty dict when absent)."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def preflight(
+    model_dir: Path,
+    manifest: Manifest,
+    vocab_size: int,
+    pad_id: int | None,
+    input_names: Iterable[str],
+) -> None:
+    """Raise ModelLoadError naming the first problem that would make the model misbehave."""
+    config = read_config(model_dir)
+    model_vocab = config.get("vocab_size")
+    if isinstance(model_vocab, int) and vocab_size > model_vocab:
+        raise ModelLoadError(
+            f"{model_dir}: the tokenizer has {vocab_size} tokens but the model's embedding "
+            f"table has {model_vocab} (config.vocab_size): the tokenizer does not belong to "
+            "this model; export tokenizer and weights from the same checkpoint"
+        )
+    if pad_id is None:
+        raise ModelLoadError(
+            f"{model_dir}: the tokenizer has no pad token, so inputs cannot be batched; "
+            "set pad_token in tokenizer_config.json and re-export"
+        )
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and manifest.max_length > positions:
+        raise ModelLoadError(
+            f"{model_dir}: max_length {manifest.max_length} exceeds the model's "
+            f"{positions} position embeddings; re-export with --max-length {positions} or less"
+        )
+    if manifest.max_length < 2:
+        raise ModelLoadError(
+            f"{model_dir}: max_length {manifest.max_length} leaves no room for text"
+        )
+    unknown = set(input_names) - FEEDABLE_INPUTS
+    if unknown:
+        raise ModelLoadError(
+            f"{model_dir}: the ONNX graph needs inputs {sorted(unknown)} the sidecar cannot "
+            f"feed (it feeds {sorted(FEEDABLE_INPUTS)})"
+        )
+    if manifest.task is Task.CLASSIFY and not manifest.labels:
+        raise ModelLoadError(f"{model_dir}: a classification model needs labels in its manifest")
+    if manifest.task is Task.EMBED and manifest.pooling is None:
+        raise ModelLoadError(f"{model_dir}: an embedding model needs pooling in its manifest")

@@ -1,0 +1,1 @@
+"""Inference backends behind one protocol, and the choice of device and provider."""

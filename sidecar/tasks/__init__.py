@@ -1,0 +1,1 @@
+"""Per-task pre- and post-processing: pure functions over numpy arrays."""

@@ -1,0 +1,120 @@
+"""The model dir's own tokenizer (tokenizer.json), with truncation and padding the sidecar controls.
+
+The tokenizer is loaded from the model dir, never re-created from a name, so the ids the
+model sees are exactly those it was exported with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Encoding, Tokenizer
+
+from sidecar.domain import Tokens
+from sidecar.errors import InvalidInputError, ModelLoadError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Padded model inputs for a batch, plus what truncation did to each input."""
+
+    input_ids: npt.NDArray[np.int64]
+    attention_mask: npt.NDArray[np.int64]
+    token_type_ids: npt.NDArray[np.int64]
+    token_counts: list[int]
+    truncated: list[bool]
+
+
+def _pad_token(model_dir: Path, tokenizer: Tokenizer) -> int | None:
+    """The pad id as transformers would pick it: tokenizer_config, special_tokens_map, config."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        pad = json.loads(path.read_text()).get("pad_token")
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if isinstance(pad, str) and (pad_id := tokenizer.token_to_id(pad)) is not None:
+            return int(pad_id)
+    config = model_dir / "config.json"
+    if config.is_file():
+        pad_id = json.loads(config.read_text()).get("pad_token_id")
+        if isinstance(pad_id, int):
+            return pad_id
+    return None
+
+
+class TextEncoder:
+    """Turns text into padded id arrays for one model; safe to share across threads."""
+
+    def __init__(self, model_dir: Path, max_length: int) -> None:
+        path = model_dir / TOKENIZER_FILE
+        if not path.is_file():
+            raise ModelLoadError(f"{model_dir} has no {TOKENIZER_FILE}: re-export the model dir")
+        # Two instances, configured once: mutating one while another thread encodes is unsafe.
+        self._full = Tokenizer.from_file(str(path))
+        self._full.no_truncation()
+        self._full.no_padding()
+        self._cut = Tokenizer.from_file(str(path))
+        self._cut.no_padding()
+        self._cut.enable_truncation(max_length)
+        self.max_length = max_length
+        self.vocab_size = self._full.get_vocab_size(with_added_tokens=True)
+        self.pad_id = _pad_token(model_dir, self._full)
+
+    def _encode(self, texts: Sequence[str], truncate: bool) -> tuple[list[Encoding], list[bool]]:
+        encodings: list[Encoding] = self._full.encode_batch(list(texts))
+        truncated = [len(e.ids) > self.max_length for e in encodings]
+        if not truncate:
+            for index, (encoding, over) in enumerate(zip(encodings, truncated, strict=True)):
+                if over:
+                    raise InvalidInputError(
+                        f"inputs[{index}] is {len(encoding.ids)} tokens, over the model's limit "
+                        f"of {self.max_length}: shorten it, or set truncate=true to cut it"
+                    )
+            return encodings, truncated
+        # Re-encode only the over-long ones: truncation must happen before special tokens.
+        for index, over in enumerate(truncated):
+            if over:
+                encodings[index] = self._cut.encode(texts[index])
+        return encodings, truncated
+
+    def encode(self, texts: Sequence[str], truncate: bool) -> EncodedBatch:
+        """Encode with special tokens, pad to the longest, and report truncation."""
+        if self.pad_id is None:
+            raise ModelLoadError("the tokenizer has no pad token; batching needs one")
+        encodings, truncated = self._encode(texts, truncate)
+        lengths = [len(e.ids) for e in encodings]
+        width = max(lengths)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = lengths[row]
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = 1
+            types[row, :n] = encoding.type_ids
+        return EncodedBatch(ids, mask, types, lengths, truncated)
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool, truncate: bool
+    ) -> list[Tokens]:
+        """Tokens, ids and code-point offsets as the model would see them."""
+        tokenizer = self._cut if truncate else self._full
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [
+            Tokens(
+                ids=list(encoding.ids),
+                tokens=list(encoding.tokens),
+                offsets=[(int(a), int(b)) for a, b in encoding.offsets],
+                truncated=truncate and bool(encoding.overflowing),
+            )
+            for encoding in encodings
+        ]

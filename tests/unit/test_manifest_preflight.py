@@ -1,0 +1,110 @@
+"""Manifest parsing, checksum verification and preflight refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import ChecksumMismatchError, ModelLoadError
+from sidecar.models.manifest import FORMAT_VERSION, Task, read_manifest, sha256_file, verify_files
+from sidecar.models.preflight import preflight
+
+
+def write_dir(tmp_path: Path, **overrides: object) -> Path:
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"vocab_size": 100, "max_position_embeddings": 64})
+    )
+    data = {
+        "format_version": FORMAT_VERSION,
+        "name": "m",
+        "task": "text-classification",
+        "onnx_file": "model.onnx",
+        "source": {"path": "/ckpt", "hub_id": None, "revision": None},
+        "max_length": 32,
+        "labels": ["a", "b"],
+        "files": {
+            name: {"sha256": sha256_file(tmp_path / name)} for name in ("model.onnx", "config.json")
+        },
+        **overrides,
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_reads_and_verifies(tmp_path: Path) -> None:
+    manifest = read_manifest(write_dir(tmp_path))
+    assert (manifest.task, manifest.labels, manifest.source) == (Task.CLASSIFY, ("a", "b"), "/ckpt")
+    assert manifest.digest.startswith("sha256:")
+    assert len(manifest.digest) == 71
+    verify_files(tmp_path, manifest)
+
+
+def test_changed_file_is_caught(tmp_path: Path) -> None:
+    manifest = read_manifest(write_dir(tmp_path))
+    (tmp_path / "model.onnx").write_bytes(b"graph, edited")
+    with pytest.raises(ChecksumMismatchError, match=r"model.onnx does not match its manifest"):
+        verify_files(tmp_path, manifest)
+    (tmp_path / "model.onnx").unlink()
+    with pytest.raises(ModelLoadError, match="listed in the manifest but missing"):
+        verify_files(tmp_path, manifest)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"format_version": FORMAT_VERSION + 1}, "newer than this sidecar reads"),
+        ({"task": "image-segmentation"}, "task 'image-segmentation' is not served"),
+    ],
+)
+def test_refused_manifests(tmp_path: Path, overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        read_manifest(write_dir(tmp_path, **overrides))
+
+
+def test_not_a_model_dir(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"has no manifest.json: it is not a model dir"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ModelLoadError, match="is not valid JSON"):
+        read_manifest(tmp_path)
+
+
+INPUTS = ("input_ids", "attention_mask")
+
+
+def test_preflight_accepts_a_sound_dir(tmp_path: Path) -> None:
+    preflight(
+        tmp_path, read_manifest(write_dir(tmp_path)), vocab_size=100, pad_id=0, input_names=INPUTS
+    )
+
+
+@pytest.mark.parametrize(
+    ("vocab", "pad", "inputs", "overrides", "message"),
+    [
+        (120, 0, INPUTS, {}, "tokenizer has 120 tokens but the model's embedding table has 100"),
+        (100, None, INPUTS, {}, "no pad token"),
+        (
+            100,
+            0,
+            INPUTS,
+            {"max_length": 128},
+            "max_length 128 exceeds the model's 64 position embeddings",
+        ),
+        (100, 0, (*INPUTS, "pixel_values"), {}, r"needs inputs \['pixel_values'\]"),
+        (100, 0, INPUTS, {"labels": []}, "needs labels"),
+    ],
+)
+def test_preflight_refusals(
+    tmp_path: Path,
+    vocab: int,
+    pad: int | None,
+    inputs: tuple[str, ...],
+    overrides: dict[str, object],
+    message: str,
+) -> None:
+    manifest = read_manifest(write_dir(tmp_path, **overrides))
+    with pytest.raises(ModelLoadError, match=message):
+        preflight(tmp_path, manifest, vocab_size=vocab, pad_id=pad, input_names=inputs)

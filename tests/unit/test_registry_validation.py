@@ -1,0 +1,82 @@
+"""Routing a call to a model, and request checks that need no model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import ModelSettings, Settings
+from sidecar.dataplane.registry import ModelRegistry
+from sidecar.dataplane.validation import check_inputs, check_non_negative
+from sidecar.domain import ModelState
+from sidecar.errors import (
+    ConfigError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    WrongTaskError,
+)
+from sidecar.models.manifest import Task
+
+
+def registry(*models: ModelSettings, default: str | None = None) -> ModelRegistry:
+    return ModelRegistry(Settings(models=models, default_model=default))
+
+
+def test_loading_models_answer_unavailable(classifier_dir: Path) -> None:
+    reg = registry(ModelSettings(path=classifier_dir))
+    assert reg.status("").state is ModelState.LOADING
+    with pytest.raises(ModelNotReadyError, match="'triage' is still loading; retry shortly"):
+        reg.resolve("triage", Task.CLASSIFY, "Classify")
+
+
+def test_wrong_task_is_checked_before_readiness(classifier_dir: Path) -> None:
+    with pytest.raises(
+        WrongTaskError, match="Embed needs a feature-extraction model; no served model does"
+    ):
+        registry(ModelSettings(path=classifier_dir)).resolve("", Task.EMBED, "Embed")
+
+
+def test_unreadable_dir_is_failed_under_its_dir_name(tmp_path: Path) -> None:
+    reg = registry(ModelSettings(path=tmp_path / "ghost"))
+    status = reg.status("ghost")
+    assert status.state is ModelState.FAILED
+    assert "has no manifest.json" in status.error
+    with pytest.raises(
+        ModelNotFoundError, match="no model named 'other'; this sidecar serves 'ghost'"
+    ):
+        reg.resolve("other")
+
+
+def test_names_must_be_unique_and_default_must_exist(classifier_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="two models are named 'triage'"):
+        registry(ModelSettings(path=classifier_dir), ModelSettings(path=classifier_dir))
+    with pytest.raises(ConfigError, match="default_model 'nope' is not among the models: 'triage'"):
+        registry(ModelSettings(path=classifier_dir), default="nope")
+    renamed = registry(
+        ModelSettings(path=classifier_dir),
+        ModelSettings(path=classifier_dir, name="t2"),
+        default="t2",
+    )
+    assert renamed.default_name == "t2"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ([], "inputs is empty"),
+        (["a"] * 5, "5 inputs, over max_client_batch_size 4"),
+        (["a", ""], r"inputs\[1\] is empty or whitespace-only"),
+        (["a", "b", " \t\n"], r"inputs\[2\] is empty or whitespace-only"),
+    ],
+)
+def test_input_checks(inputs: list[str], message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        check_inputs(inputs, limit=4)
+
+
+def test_counts() -> None:
+    check_non_negative("top_k", 0)
+    with pytest.raises(InvalidInputError, match=r"top_k must be 0 .no limit. or positive, got -3"):
+        check_non_negative("top_k", -3)
