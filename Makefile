@@ -11,7 +11,7 @@ MODELS_DIR ?= models
 DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
 ADDRESS ?= 127.0.0.1:50051
 
-.PHONY: help install run serve export-default proto lint format test clean
+.PHONY: help install run export-default proto lint format test coldstart clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 
 test: $(STAMP) lint  ## install, lint, and run the whole test suite
 	$(VENV)/bin/pytest -q
+
+coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from launch to SERVING
+	$(PY) tools/coldstart.py $(DEFAULT_MODEL) --runs 5
 
 clean:  ## remove the venv, exported models and caches
 	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache

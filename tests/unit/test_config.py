@@ -84,3 +84,12 @@ def test_per_model_device_and_threads_fall_back_to_globals() -> None:
     plain = ModelSettings(path=Path("/m"))
     assert (settings.model_device(own), settings.model_threads(own)) == ("cpu", 1)
     assert (settings.model_device(plain), settings.model_threads(plain)) == ("cuda", 3)
+
+
+def test_readme_documents_every_setting() -> None:
+    from dataclasses import fields
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for item in fields(Settings):
+        assert f"| `{item.name}` |" in readme, f"README's configuration table lacks {item.name}"
+        assert f"SIDECAR_{item.name.upper()}" in readme
