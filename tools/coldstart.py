@@ -1,4 +1,4 @@
-"""Measure cold start: launch `sidecar serve` on a model dir, time until grpc.health.v1 says SERVING.
+"""Measure cold start: launch `sidecar serve` on a model dir, time it until health says SERVING.
 
 Each run is a fresh process (imports, checksum verification, session creation, warm-up
 included); prints every run and the median.
@@ -30,9 +30,8 @@ def one_run(model_dir: Path) -> float:
     address = f"127.0.0.1:{free_port()}"
     sidecar = Path(sys.executable).parent / "sidecar"
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sidecar, "serve", "--model", str(model_dir), "--address", address, "--log-level", "WARNING"]
-    )
+    command = [sidecar, "serve", "--model", str(model_dir), "--address", address]
+    process = subprocess.Popen([*command, "--log-level", "WARNING"])
     try:
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)

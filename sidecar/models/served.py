@@ -9,6 +9,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from sidecar.domain import (
     CallInfo,
     Classification,
@@ -56,8 +59,9 @@ class ServedModel:
         )
 
     def _forward(
-        self, texts: Sequence[str], truncate: bool, info: CallInfo
-    ) -> tuple[EncodedBatch, dict]:  # type: ignore[type-arg]
+        self, texts: Sequence[str], truncate: bool, info: CallInfo, output: str
+    ) -> tuple[EncodedBatch, npt.NDArray[np.float32]]:
+        """Tokenize and run the batch; return the named output (or the graph's only one)."""
         t0 = time.perf_counter_ns()
         batch = self.encoder.encode(texts, truncate)
         t1 = time.perf_counter_ns()
@@ -71,18 +75,16 @@ class ServedModel:
         t2 = time.perf_counter_ns()
         info.tokenize_us, info.inference_us = _us(t0, t1), _us(t1, t2)
         info.batch_size = len(texts)
-        return batch, outputs
+        found = outputs.get(output)
+        return batch, next(iter(outputs.values())) if found is None else found
 
     def embed(self, texts: Sequence[str], normalize: bool | None, truncate: bool) -> EmbedResult:
         """Pooled (and by default normalized) embeddings."""
         # The registry routes only embedding models here; preflight guarantees pooling.
         assert self.manifest.pooling is not None
         info = self.call_info()
-        batch, outputs = self._forward(texts, truncate, info)
+        batch, hidden = self._forward(texts, truncate, info, "last_hidden_state")
         t0 = time.perf_counter_ns()
-        hidden = outputs.get("last_hidden_state")
-        if hidden is None:
-            hidden = next(iter(outputs.values()))
         vectors = embed.pool(hidden, batch.attention_mask, self.manifest.pooling.mode)
         if self.manifest.pooling.normalize if normalize is None else normalize:
             vectors = embed.normalize(vectors)
@@ -98,11 +100,8 @@ class ServedModel:
     def classify(self, texts: Sequence[str], top_k: int, truncate: bool) -> ClassifyResult:
         """Label probabilities, sorted, top_k of them when top_k > 0."""
         info = self.call_info()
-        batch, outputs = self._forward(texts, truncate, info)
+        batch, logits = self._forward(texts, truncate, info, "logits")
         t0 = time.perf_counter_ns()
-        logits = outputs.get("logits")
-        if logits is None:
-            logits = next(iter(outputs.values()))
         scores = classify.probabilities(logits, self.manifest.multi_label)
         results = [
             Classification(

@@ -162,9 +162,32 @@ def test_unix_socket_and_cold_start(minilm_dir: Path, tmp_path: Path) -> None:
             process.kill()
 
 
-def test_serving_an_onnx_model_never_imports_torch(minilm_dir: Path) -> None:
+def base_distributions() -> set[str]:
+    """The base dependencies of pyproject.toml and everything they require (no extras)."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    todo = [Requirement(r) for r in project["project"]["dependencies"]]
+    seen: set[str] = set()
+    while todo:
+        requirement = todo.pop()
+        dist = canonicalize_name(requirement.name)
+        # Markers drop other platforms' and extras' requirements.
+        if dist in seen or (requirement.marker and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(dist)
+        todo += [Requirement(r) for r in metadata.requires(dist) or []]
+    return seen
+
+
+def test_serving_needs_only_the_base_install(minilm_dir: Path) -> None:
     script = f"""
-import asyncio, sys
+import asyncio, json, sys
+from importlib import metadata
 from pathlib import Path
 from sidecar.config import ModelSettings, Settings
 from sidecar.grpc.server import SidecarServer
@@ -175,12 +198,25 @@ async def main():
     server = await SidecarServer.start(Settings(address="127.0.0.1:0", models=(model,)))
     result = await server.dataplane.embed(EmbedRequest(model="", inputs=["hello"]))
     await server.stop(grace=0)
-    heavy = ("torch", "transformers", "optimum")
-    print(result.dimensions, sorted(m for m in sys.modules if m.split(".")[0] in heavy))
+    owners = metadata.packages_distributions()
+    # Not needs: setuptools' .pth loads _distutils_hack at start-up in any venv, and grpc
+    # imports grpc_tools only if it happens to be installed.
+    skip = {{"sidecar", "_distutils_hack", "grpc_tools"}}
+    tops = {{m.split(".")[0] for m in sys.modules}} - set(sys.stdlib_module_names) - skip
+    dists = {{d for t in tops for d in owners.get(t, [])}}
+    print(json.dumps({{"dimensions": result.dimensions, "distributions": sorted(dists)}}))
 
 asyncio.run(main())
 """
+    import json
+
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
-    assert done.stdout.split(maxsplit=1) == ["384", "[]\n"]
+    report = json.loads(done.stdout)
+    assert report["dimensions"] == 384
+    from packaging.utils import canonicalize_name
+
+    imported = {canonicalize_name(d) for d in report["distributions"]}
+    assert not imported & {"torch", "transformers", "optimum", "optimum-onnx"}
+    assert imported <= base_distributions(), imported - base_distributions()
