@@ -80,7 +80,7 @@ def export_model(
     staging.mkdir(parents=True)
     try:
         with progress.step(f"finding checkpoint {name_or_path}"):
-            src = source.resolve(name_or_path, revision, allow_pickle)
+            src = source.resolve(name_or_path, revision, allow_pickle, trust_remote_code)
             chosen = task or checkpoint.detect_task(src.path)
             info = checkpoint.inspect(src.path, chosen, max_length, pooling, normalize)
         with progress.step(f"exporting {chosen.value} to ONNX with optimum"):
@@ -122,9 +122,13 @@ def export_model(
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         with progress.step(f"moving the model dir into place at {out}"):
+            # Renames only, so a crash leaves either the old dir or the new one, never neither.
+            previous = out.with_name(f".{out.name}.previous")
+            shutil.rmtree(previous, ignore_errors=True)
             if out.exists():
-                shutil.rmtree(out)
+                out.rename(previous)
             staging.rename(out)
+            shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -28,7 +28,12 @@ class Source:
         }
 
 
-def resolve(name: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
+def resolve(
+    name: str,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Source:
     """A local checkpoint dir as is, otherwise a Hub id downloaded (or found in the cache)."""
     local = Path(name).expanduser()
     if local.is_dir():
@@ -38,16 +43,18 @@ def resolve(name: str, revision: str | None = None, allow_pickle: bool = False) 
     elif local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ExportError(f"{name} is neither a checkpoint directory nor a Hub id like org/model")
     else:
-        source = _from_hub(name, revision, allow_pickle)
+        source = _from_hub(name, revision, allow_pickle, trust_remote_code)
     check_weights(source.path, allow_pickle)
     return source
 
 
-def _from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Source:
+def _from_hub(repo_id: str, revision: str | None, allow_pickle: bool, remote_code: bool) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    patterns = (
+        HUB_PATTERNS + (["*.bin"] if allow_pickle else []) + (["*.py"] if remote_code else [])
+    )
     try:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
@@ -70,7 +77,10 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
         return
     pickles = sorted(p.name for p in path.glob("*.bin"))
     if not pickles:
-        raise ExportError(f"{path} holds no model weights (*.safetensors)")
+        raise ExportError(
+            f"{path} holds no safetensors weights; a checkpoint with only pickle (.bin) "
+            "weights needs --allow-pickle"
+        )
     if not allow_pickle:
         raise ExportError(
             f"{path} has only pickle weights ({', '.join(pickles)}); loading them can run "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ import yaml
 from sidecar.errors import ConfigError
 
 ENV_PREFIX = "SIDECAR_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -97,15 +99,14 @@ def _model_from_yaml(entry: Any) -> ModelSettings:
         return parse_model_spec(entry)
     if not isinstance(entry, Mapping) or "path" not in entry:
         raise ConfigError(f"each entry of 'models' needs a 'path'; got {entry!r}")
-    known = {f.name for f in fields(ModelSettings)}
-    unknown = set(entry) - known
+    hints = get_type_hints(ModelSettings)
+    unknown = set(entry) - set(hints)
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {sorted(unknown)} in a 'models' entry; known: {sorted(known)}"
+            f"unknown key(s) {sorted(unknown)} in a 'models' entry; known: {sorted(hints)}"
         )
-    values = dict(entry)
-    values["path"] = Path(str(values["path"]))
-    return ModelSettings(**values)
+    values = {k: _coerce(f"models.{k}", v, hints[k]) for k, v in entry.items() if k != "path"}
+    return ModelSettings(path=Path(str(entry["path"])), **values)
 
 
 def _scalar_type(annotation: Any) -> type:
@@ -134,8 +135,13 @@ def _coerce(name: str, raw: Any, annotation: Any) -> Any:
             raise ValueError(text)
         if kind in (int, float) and isinstance(raw, bool):
             raise ValueError(raw)
-        return kind(raw)
-    except ValueError:
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)  # never round 2.9 down to 2 silently
+        value = kind(raw)
+        if kind is float and not math.isfinite(value):
+            raise ValueError(raw)
+        return value
+    except (ValueError, TypeError):
         raise ConfigError(f"setting {name!r}: {raw!r} is not a valid {kind.__name__}") from None
 
 
@@ -146,8 +152,12 @@ def _validate(settings: Settings) -> Settings:
             raise ConfigError(f"setting {name!r} must be at least 1, got {getattr(settings, name)}")
     if settings.intra_op_threads < 0 or settings.grace_period_s < 0:
         raise ConfigError("intra_op_threads and grace_period_s must not be negative")
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     for model in settings.models:
         parse_device(settings.model_device(model))
+        if settings.model_threads(model) < 0:
+            raise ConfigError(f"intra_op_threads of model {model.path} must not be negative")
     if not settings.models:
         raise ConfigError(
             "no model to serve: pass --model path/to/model-dir (or name=path), "
@@ -190,7 +200,10 @@ def load_settings(
         for name in scalar_names:
             if name in loaded:
                 merged[name] = _coerce(name, loaded[name], hints[name])
-        models = tuple(_model_from_yaml(m) for m in loaded.get("models") or ())
+        entries = loaded.get("models") or []
+        if not isinstance(entries, list):
+            raise ConfigError(f"'models' in {path} must be a list of model dirs or mappings")
+        models = tuple(_model_from_yaml(m) for m in entries)
 
     for name in scalar_names:
         raw = env.get(f"{ENV_PREFIX}{name.upper()}")

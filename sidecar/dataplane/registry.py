@@ -108,6 +108,12 @@ class ModelRegistry:
         except SidecarError as exc:
             log.error("model %s refused: %s", entry.status.name, exc)
             entry.status.state, entry.status.error = ModelState.FAILED, str(exc)
+        except Exception as exc:
+            # ONNX Runtime and tokenizers raise their own errors (a corrupt graph, CUDA out of
+            # memory in warm-up): they fail this model, never the server or the other models.
+            log.exception("model %s failed to load", entry.status.name)
+            entry.status.state = ModelState.FAILED
+            entry.status.error = f"{type(exc).__name__}: {exc}"
         else:
             entry.status.state = ModelState.SERVING
 

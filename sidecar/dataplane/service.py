@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 from typing import TypeVar
 
 from sidecar.config import Settings
+from sidecar.dataplane.admission import Admission
 from sidecar.dataplane.registry import ModelRegistry
 from sidecar.dataplane.validation import check_inputs, check_non_negative
 from sidecar.domain import (
@@ -38,6 +39,7 @@ class DataPlane:
     def __init__(self, settings: Settings, registry: ModelRegistry, executor: Executor) -> None:
         self.settings = settings
         self.registry = registry
+        self.admission = Admission()
         self._executor = executor
 
     async def _run(self, work: Callable[[], R], deadline: float | None) -> R:

@@ -91,11 +91,14 @@ class SidecarServer:
             await self.health.set(model_health_name(status.name), NOT_SERVING)
         await self._server.start()
         log.info("listening on %s; loading %d model(s)", settings.address, len(settings.models))
-        await self.registry.load_all(self._load_pool, self._report)
-        if not self.registry.serving:
+        try:
+            await self.registry.load_all(self._load_pool, self._report)
+            if not self.registry.serving:
+                failed = "; ".join(f"{s.name}: {s.error}" for s in self.registry)
+                raise ConfigError(f"no model could be loaded ({failed})")
+        except BaseException:
             await self.stop(grace=0)
-            failed = "; ".join(f"{s.name}: {s.error}" for s in self.registry)
-            raise ConfigError(f"no model could be loaded ({failed})")
+            raise
         for service in ("", INFERENCE, MODELS):
             await self.health.set(service, SERVING)
         self.ready_seconds = time.perf_counter() - began
@@ -105,8 +108,16 @@ class SidecarServer:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, give in-flight ones the grace period to finish."""
         grace = self.settings.grace_period_s if grace is None else grace
+        began = time.monotonic()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        admission = self.dataplane.admission
+        admission.drain()
+        if not await admission.wait_idle(grace):
+            log.warning(
+                "grace period over: cancelling %d call(s) still in flight", admission.active
+            )
+        # Whatever is left (a response still being written) gets the rest of the grace period.
+        await self._server.stop(max(grace - (time.monotonic() - began), 0))
         self._inference_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +31,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
+        self.admission = dataplane.admission
+        self.max_message_bytes = dataplane.settings.max_message_bytes
 
     @translates_errors
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
@@ -66,11 +69,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         raise _not_yet("Rerank", "a cross-encoder model export")
 
     # grpc.aio accepts a coroutine for a server-streaming method that writes nothing.
+    @translates_errors
     async def Generate(  # type: ignore[override]
         self, request: pb.GenerateRequest, context: Context
     ) -> None:
         """Not available yet."""
-        await abort(context, _not_yet("Generate", "a text-generation model export"))
+        raise _not_yet("Generate", "a text-generation model export")
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
@@ -82,10 +86,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             request_iterator,
             settings.stream_max_in_flight,
             to_domain.deadline(context),
+            settings.max_message_bytes,
         )
         try:
-            async for response in responses:
-                yield response
+            # aclosing: a departed client cancels in-flight items now, not at garbage collection.
+            async with self.admission.call(), contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -97,6 +104,8 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
 
     def __init__(self, dataplane: DataPlane) -> None:
         self._registry = dataplane.registry
+        self.admission = dataplane.admission
+        self.max_message_bytes = dataplane.settings.max_message_bytes
 
     @translates_errors
     async def ListModels(

@@ -55,12 +55,25 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
 
 
 def translates_errors(handler: F) -> F:
-    """Wrap a unary servicer method so every exception ends as a mapped status."""
+    """Wrap a unary servicer method: admit the call, bound the answer's size, and end every
+    exception as a mapped status.
+
+    The servicer holds the dataplane's Admission as `self.admission` and the size limit as
+    `self.max_message_bytes`.
+    """
 
     @wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
-            return await handler(self, request, context)
+            async with self.admission.call():
+                response = await handler(self, request, context)
+            if response is not None and (size := response.ByteSize()) > self.max_message_bytes:
+                # Said here, as the caller's to fix; gRPC itself would answer RESOURCE_EXHAUSTED.
+                raise errors.InvalidInputError(
+                    f"the answer would be {size} bytes, over max_message_bytes "
+                    f"{self.max_message_bytes}: send fewer or shorter inputs, or set truncate"
+                )
+            return response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

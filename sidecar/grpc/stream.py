@@ -1,17 +1,22 @@
 """The bidirectional Stream: many items in flight, answered in completion order.
 
-One reader task takes items off the wire, but only while a slot is free; an item holds
-its slot until its answer is written, so a caller that sends faster than the models run,
-or reads answers slower, is held back by gRPC flow control. Each item runs
-as its own task; its answer, or its error, goes onto one queue that the response
-generator drains. A failed item answers with `error` and the stream goes on.
+Three parts share one call. The reader takes items off the wire into a backlog of at
+most `limit` items; when the backlog is full it stops reading, so gRPC flow control holds
+a fast sender back. The starter runs backlog items while fewer than `limit` are running
+or waiting to be written: an item holds its slot until its answer has been handed to
+gRPC, so a caller that stops reading answers stops the server reading requests. The
+drain loop yields answers as they complete. A cancel is read even while every slot is
+busy (the backlog has room), and stops its item whether it is running or still waiting.
+A failed item answers with `error` and the stream goes on; an id already in flight is a
+broken stream (two answers would share one id) and ends it with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.dataplane.service import DataPlane
@@ -21,6 +26,14 @@ from sidecar.grpc.status import rpc_status
 from sidecar.v1 import inference_pb2 as pb
 
 _EOF = object()
+
+
+@dataclass(frozen=True)
+class _Answer:
+    response: pb.StreamResponse
+    holds_slot: bool
+
+
 ITEM_KINDS = ("embed", "classify", "tokenize", "extract_entities", "rerank", "generate", "cancel")
 
 
@@ -40,86 +53,139 @@ async def _dispatch(
     raise NotImplementedYetError(f"{kind} items are not available in this server version")
 
 
-async def run_stream(
-    dataplane: DataPlane,
-    requests: AsyncIterator[pb.StreamRequest],
-    max_in_flight: int,
-    deadline: float | None,
-) -> AsyncIterator[pb.StreamResponse]:
-    """Serve one Stream call; yields responses as items complete."""
-    out: asyncio.Queue[Any] = asyncio.Queue()
-    slots = asyncio.Semaphore(max_in_flight)
-    in_flight: dict[str, asyncio.Task[pb.StreamResponse]] = {}
+class _StreamCall:
+    """The state of one Stream call."""
 
-    def finish(request: pb.StreamRequest, task: asyncio.Task[pb.StreamResponse]) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        requests: AsyncIterator[pb.StreamRequest],
+        limit: int,
+        deadline: float | None,
+        max_message_bytes: int,
+    ) -> None:
+        self.dataplane = dataplane
+        self.requests = requests
+        self.deadline = deadline
+        self.max_message_bytes = max_message_bytes
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        self.slots = asyncio.Semaphore(limit)  # running, or answered and not yet written
+        self.room = asyncio.Semaphore(limit)  # read and not yet started
+        self.backlog: dict[str, tuple[pb.StreamRequest, str]] = {}
+        self.start_order: asyncio.Queue[Any] = asyncio.Queue()
+        self.running: dict[str, asyncio.Task[pb.StreamResponse]] = {}
+
+    def error(self, item_id: str, exc: BaseException, holds_slot: bool) -> None:
+        self.out.put_nowait(
+            _Answer(pb.StreamResponse(id=item_id, error=rpc_status(exc)), holds_slot)
+        )
+
+    def finish(self, item_id: str, task: asyncio.Task[pb.StreamResponse]) -> None:
         # A done callback sees every ending, including a task cancelled before it started.
+        del self.running[item_id]
         if task.cancelled():
-            error = CancelledError(f"item {request.id!r} was cancelled")
-            response = pb.StreamResponse(id=request.id, error=rpc_status(error))
+            self.error(item_id, CancelledError(f"item {item_id!r} was cancelled"), True)
         elif (exc := task.exception()) is not None:
-            response = pb.StreamResponse(id=request.id, error=rpc_status(exc))
+            self.error(item_id, exc, True)
+        elif (size := task.result().ByteSize()) > self.max_message_bytes:
+            # gRPC would end the whole call over one answer: fail only this item.
+            self.error(
+                item_id,
+                InvalidInputError(
+                    f"the answer to item {item_id!r} would be {size} bytes, over max_message_bytes "
+                    f"{self.max_message_bytes}: send fewer or shorter inputs, or set truncate"
+                ),
+                True,
+            )
         else:
-            response = task.result()
-        del in_flight[request.id]
-        out.put_nowait(response)
+            self.out.put_nowait(_Answer(task.result(), True))
 
-    def refuse(request: pb.StreamRequest, exc: Exception) -> None:
-        out.put_nowait(pb.StreamResponse(id=request.id, error=rpc_status(exc)))
+    def cancel(self, item_id: str) -> None:
+        if (task := self.running.get(item_id)) is not None:
+            task.cancel()
+        elif self.backlog.pop(item_id, None) is not None:
+            self.room.release()
+            self.error(item_id, CancelledError(f"item {item_id!r} was cancelled"), False)
 
-    async def read() -> None:
+    async def read(self) -> None:
         try:
             while True:
-                await slots.acquire()
+                await self.room.acquire()
                 try:
-                    request = await anext(requests)
+                    request = await anext(self.requests)
                 except StopAsyncIteration:
-                    slots.release()
+                    self.room.release()
                     break
                 kind = request.WhichOneof("request")
                 if kind == "cancel":
-                    slots.release()
-                    if (task := in_flight.get(request.id)) is not None:
-                        task.cancel()
+                    self.room.release()
+                    self.cancel(request.id)
                 elif kind is None:
-                    refuse(
-                        request,
+                    self.room.release()
+                    self.error(
+                        request.id,
                         InvalidInputError(
                             f"item {request.id!r} carries no request: "
                             f"set one of {', '.join(ITEM_KINDS)}"
                         ),
+                        False,
                     )
-                elif request.id in in_flight:
-                    refuse(
-                        request,
-                        InvalidInputError(
-                            f"item id {request.id!r} is already in flight on this stream: "
-                            "use a unique id for each in-flight item"
-                        ),
+                elif request.id in self.running or request.id in self.backlog:
+                    raise InvalidInputError(
+                        f"item id {request.id!r} is already in flight on this stream: "
+                        "ids must be unique among in-flight items"
                     )
                 else:
-                    task = asyncio.create_task(_dispatch(dataplane, request, kind, deadline))
-                    task.add_done_callback(functools.partial(finish, request))
-                    in_flight[request.id] = task
-            out.put_nowait(_EOF)
-        except BaseException as exc:  # the client went away: end the drain loop with it
-            out.put_nowait(exc)
+                    self.backlog[request.id] = (request, kind)
+                    self.start_order.put_nowait(request.id)
+            self.start_order.put_nowait(_EOF)
+        except BaseException as exc:  # a broken stream or a departed client ends the call
+            self.out.put_nowait(exc)
             raise
 
-    reader = asyncio.create_task(read())
-    finished_reading = False
-    try:
-        while not (finished_reading and not in_flight and out.empty()):
-            item = await out.get()
-            if item is _EOF:
-                finished_reading = True
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-                # An answer holds its slot until gRPC has taken it: a caller that stops
-                # reading answers stops the server reading requests, and memory stays bounded.
-                slots.release()
-    finally:
-        reader.cancel()
-        for task in list(in_flight.values()):
-            task.cancel()
+    async def start(self) -> None:
+        while True:
+            await self.slots.acquire()
+            item_id = await self.start_order.get()
+            if item_id is _EOF:
+                self.slots.release()
+                self.out.put_nowait(_EOF)
+                return
+            entry = self.backlog.pop(item_id, None)
+            if entry is None:  # cancelled while waiting
+                self.slots.release()
+                continue
+            self.room.release()
+            request, kind = entry
+            task = asyncio.create_task(_dispatch(self.dataplane, request, kind, self.deadline))
+            self.running[item_id] = task
+            task.add_done_callback(functools.partial(self.finish, item_id))
+
+    async def answers(self) -> AsyncGenerator[pb.StreamResponse, None]:
+        helpers = [asyncio.create_task(self.read()), asyncio.create_task(self.start())]
+        finished = False
+        try:
+            while not (finished and not self.running and self.out.empty()):
+                item = await self.out.get()
+                if item is _EOF:
+                    finished = True
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item.response
+                    if item.holds_slot:
+                        self.slots.release()
+        finally:
+            for task in [*helpers, *self.running.values()]:
+                task.cancel()
+
+
+def run_stream(
+    dataplane: DataPlane,
+    requests: AsyncIterator[pb.StreamRequest],
+    max_in_flight: int,
+    deadline: float | None,
+    max_message_bytes: int = 1 << 62,
+) -> AsyncGenerator[pb.StreamResponse, None]:
+    """Serve one Stream call; yields answers as items complete."""
+    return _StreamCall(dataplane, requests, max_in_flight, deadline, max_message_bytes).answers()

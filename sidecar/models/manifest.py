@@ -83,6 +83,18 @@ def _require(data: dict[str, Any], key: str, path: Path) -> Any:
 
 def read_manifest(model_dir: Path) -> Manifest:
     """Parse model_dir/manifest.json; refuse missing, malformed or too-new manifests."""
+    try:
+        return _parse(model_dir)
+    except ModelLoadError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"{model_dir / MANIFEST} is malformed ({type(exc).__name__}: {exc}): "
+            "re-export the model dir"
+        ) from None
+
+
+def _parse(model_dir: Path) -> Manifest:
     path = model_dir / MANIFEST
     try:
         raw = path.read_bytes()

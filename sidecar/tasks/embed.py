@@ -13,6 +13,8 @@ FloatArray = npt.NDArray[np.float32]
 def pool(hidden: FloatArray, mask: npt.NDArray[np.int64], mode: str) -> FloatArray:
     """Reduce [batch, seq, dim] token vectors to [batch, dim], ignoring padding."""
     weights = mask[..., None].astype(hidden.dtype)
+    # Select rather than multiply: a NaN at a padded position times 0 is still NaN.
+    masked = np.where(weights > 0, hidden, 0).astype(hidden.dtype)
     pooled: FloatArray
     if mode == "cls":
         pooled = hidden[:, 0]
@@ -23,7 +25,7 @@ def pool(hidden: FloatArray, mask: npt.NDArray[np.int64], mode: str) -> FloatArr
         pooled = np.where(weights > 0, hidden, np.finfo(hidden.dtype).min).max(axis=1)
     elif mode in ("mean", "mean_sqrt_len"):
         counts = np.clip(weights.sum(axis=1), 1e-9, None)
-        summed = (hidden * weights).sum(axis=1)
+        summed = masked.sum(axis=1)
         pooled = summed / (counts if mode == "mean" else np.sqrt(counts))
     else:
         raise ValueError(f"unknown pooling mode {mode!r}; known: {', '.join(POOLING_MODES)}")

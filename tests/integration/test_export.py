@@ -64,6 +64,18 @@ def test_existing_model_dir_needs_force(classifier_source: Path, classifier_dir:
         export_quietly(classifier_source, classifier_dir)
 
 
+def test_force_replaces_the_dir_and_leaves_nothing_else(
+    classifier_source: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "triage"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    export_quietly(classifier_source, out, force=True)
+    assert not (out / "stale.txt").exists()
+    verify_files(out, read_manifest(out))
+    assert [p.name for p in tmp_path.iterdir()] == ["triage"]
+
+
 def test_outputs_beyond_atol_fail_and_leave_nothing(
     classifier_source: Path, tmp_path: Path
 ) -> None:

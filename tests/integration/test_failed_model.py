@@ -68,3 +68,23 @@ async def test_no_loadable_model_refuses_to_start(tmp_path: Path) -> None:
     settings = Settings(address="127.0.0.1:0", models=(ModelSettings(path=tmp_path),))
     with pytest.raises(ConfigError, match=r"no model could be loaded.*has no manifest.json"):
         await SidecarServer.start(settings)
+
+
+async def test_unexpected_load_errors_fail_only_that_model(
+    classifier_dir: Path, multilabel_dir: Path, tmp_path: Path
+) -> None:
+    garbled = tmp_path / "garbled"
+    shutil.copytree(classifier_dir, garbled)
+    (garbled / "tokenizer.json").write_text("{not json")  # tokenizers raises its own error type
+    settings = Settings(
+        address="127.0.0.1:0",
+        models=(ModelSettings(path=garbled, name="garbled"), ModelSettings(path=multilabel_dir)),
+        verify_checksums=False,
+    )
+    server = await SidecarServer.start(settings)
+    try:
+        assert server.registry.status("garbled").state.value == "failed"
+        assert server.registry.status("garbled").error.startswith("Exception: ")
+        assert server.registry.status("moderation").state.value == "serving"
+    finally:
+        await server.stop(grace=0)

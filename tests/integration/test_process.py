@@ -117,15 +117,14 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
         assert next(stream).id == "before"  # the stream is established and in flight
         process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
-        while (
-            health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            == health_pb2.HealthCheckResponse.SERVING
-        ):
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=1).status != not_serving:
             assert time.monotonic() < deadline, "health stayed SERVING after SIGTERM"
             time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as refused:
             inference.Embed(pb.EmbedRequest(inputs=["new call"]), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down and takes no new calls" in refused.value.details()
         # The in-flight stream is still served during the grace period.
         outbox.put(pb.StreamRequest(id="during", embed=pb.EmbedRequest(inputs=["two"])))
         outbox.put(None)

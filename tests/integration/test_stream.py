@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+import pytest
 
+from sidecar.errors import InvalidInputError
 from sidecar.grpc.server import SidecarServer
 from sidecar.grpc.stream import run_stream
 from sidecar.v1 import inference_pb2 as pb
@@ -72,16 +74,22 @@ async def test_bad_items_get_errors_and_the_stream_goes_on(inference: InferenceS
     assert answers["ok-1"].embed.dimensions == answers["ok-2"].embed.dimensions == 384
 
 
-async def test_duplicate_in_flight_id_is_refused(server: SidecarServer) -> None:
+async def test_duplicate_in_flight_id_ends_the_stream(server: SidecarServer) -> None:
     async def requests() -> AsyncIterator[pb.StreamRequest]:
         yield embed("same", *(["a long-ish input to keep the first item busy"] * 32))
         yield embed("same", "second")
 
-    answers = [r async for r in run_stream(server.dataplane, requests(), 4, None)]
-    errors = [a for a in answers if a.WhichOneof("response") == "error"]
-    assert len(answers) == 2
-    assert len(errors) == 1
-    assert "already in flight" in errors[0].error.message
+    with pytest.raises(InvalidInputError, match="'same' is already in flight on this stream"):
+        async for _ in run_stream(server.dataplane, requests(), 4, None):
+            pass
+
+
+async def test_duplicate_id_over_grpc_is_invalid_argument(inference: InferenceStub) -> None:
+    items = [embed("same", *(["keep me busy for a while"] * 32)), embed("same", "again")]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(inference, items)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ids must be unique among in-flight items" in caught.value.details()
 
 
 async def test_cancel_stops_an_in_flight_item(server: SidecarServer) -> None:
@@ -101,6 +109,44 @@ async def test_cancel_stops_an_in_flight_item(server: SidecarServer) -> None:
     assert "cancelled" in answers[0].error.message
 
 
+async def test_cancel_reaches_items_while_every_slot_is_busy(server: SidecarServer) -> None:
+    release = asyncio.Event()
+    busy = ["a text long enough to keep the model busy for a while " * 8] * 32
+
+    async def requests() -> AsyncIterator[pb.StreamRequest]:
+        for item_id in ("a", "b", "c"):  # a and b take both slots; c waits in the backlog
+            yield embed(item_id, *busy)
+        yield pb.StreamRequest(id="c", cancel=pb.CancelRequest())
+        yield pb.StreamRequest(id="a", cancel=pb.CancelRequest())
+        await release.wait()
+
+    answers = {}
+    async for answer in run_stream(server.dataplane, requests(), 2, None):
+        answers[answer.id] = answer
+        if len(answers) == 3:
+            release.set()
+    cancelled = grpc.StatusCode.CANCELLED.value[0]
+    assert answers["c"].error.code == cancelled
+    assert answers["a"].error.code == cancelled
+    assert answers["b"].embed.dimensions == 384
+
+
+async def test_oversized_answer_fails_only_its_item(inference: InferenceStub) -> None:
+    huge = "ab " * 100_000  # a 300 kB request whose token list is well over the 1 MiB limit
+    items = [
+        pb.StreamRequest(id="big", tokenize=pb.TokenizeRequest(inputs=[huge])),
+        embed("after", "fine"),
+    ]
+    answers = await collect(inference, items)
+    assert answers["big"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "over max_message_bytes 1048576" in answers["big"].error.message
+    assert answers["after"].embed.dimensions == 384
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await inference.Tokenize(pb.TokenizeRequest(inputs=[huge]))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send fewer or shorter inputs, or set truncate" in caught.value.details()
+
+
 async def test_reading_stops_when_in_flight_bound_is_reached(server: SidecarServer) -> None:
     limit = 3
     pulled = 0
@@ -117,9 +163,9 @@ async def test_reading_stops_when_in_flight_bound_is_reached(server: SidecarServ
     async for _ in run_stream(server.dataplane, requests(), limit, None):
         answered += 1
     assert answered == 30
-    # The reader takes a free slot before it pulls the next item off the wire.
-    assert worst <= limit
-    assert worst == limit  # and the bound is actually reached under load
+    # At most `limit` items run or wait to be written, and at most `limit` more are read ahead.
+    assert worst <= 2 * limit
+    assert worst > limit  # the read-ahead is actually used under load
 
 
 async def test_stream_over_grpc_with_half_close_mid_flight(inference: InferenceStub) -> None:

@@ -55,6 +55,8 @@ def test_env_models_and_booleans() -> None:
         ({"SIDECAR_DEVICE": "tpu"}, "device 'tpu' is not one of cpu, cuda"),
         ({"SIDECAR_DEVICE": "cuda:x"}, "device 'cuda:x'"),
         ({"SIDECAR_VERIFY_CHECKSUMS": "maybe"}, "'maybe' is not a valid bool"),
+        ({"SIDECAR_GRACE_PERIOD_S": "nan"}, "'nan' is not a valid float"),
+        ({"SIDECAR_LOG_LEVEL": "chatty"}, "log_level 'chatty' is not one of DEBUG"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
@@ -70,6 +72,30 @@ def test_unknown_file_keys_are_rejected(tmp_path: Path) -> None:
     config.write_text("models:\n  - {path: /m, threads: 2}\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['threads'\]"):
         load_settings({}, env={}, config_file=config)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: /m/minilm\n", "'models' in .* must be a list"),
+        ("max_client_batch_size: [1]\nmodels: [/m]\n", r"\[1\] is not a valid int"),
+        ("max_client_batch_size: 2.9\nmodels: [/m]\n", "2.9 is not a valid int"),
+        ("models:\n  - {path: /m, intra_op_threads: lots}\n", "models.intra_op_threads"),
+        ("models:\n  - {path: /m, intra_op_threads: -3}\n", "must not be negative"),
+    ],
+)
+def test_bad_file_values(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, env={}, config_file=config)
+
+
+def test_model_entries_are_coerced(tmp_path: Path) -> None:
+    config = tmp_path / "ok.yaml"
+    config.write_text("models:\n  - {path: /m, intra_op_threads: '4', device: cuda}\n")
+    (model,) = load_settings({}, env={}, config_file=config).models
+    assert (model.intra_op_threads, model.device) == (4, "cuda")
 
 
 @pytest.mark.parametrize("spec", ["", "=path", "name="])

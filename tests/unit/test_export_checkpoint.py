@@ -80,7 +80,7 @@ def test_local_dirs_and_bad_names(tmp_path: Path, classifier_source: Path) -> No
         source.resolve(str(classifier_source), revision="main")
     with pytest.raises(ExportError, match="neither a checkpoint directory nor a Hub id"):
         source.resolve(str(tmp_path / "missing"))
-    with pytest.raises(ExportError, match="holds no model weights"):
+    with pytest.raises(ExportError, match="holds no safetensors weights"):
         source.check_weights(tmp_path, allow_pickle=False)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     source.check_weights(tmp_path, allow_pickle=True)

@@ -64,6 +64,12 @@ def test_refused_manifests(tmp_path: Path, overrides: dict[str, object], message
         read_manifest(write_dir(tmp_path, **overrides))
 
 
+def test_malformed_manifest_is_a_load_error(tmp_path: Path) -> None:
+    write_dir(tmp_path, files={"model.onnx": {"size": 5}})  # no sha256
+    with pytest.raises(ModelLoadError, match=r"manifest.json is malformed \(KeyError"):
+        read_manifest(tmp_path)
+
+
 def test_not_a_model_dir(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"has no manifest.json: it is not a model dir"):
         read_manifest(tmp_path)

@@ -31,6 +31,13 @@ def test_max_never_picks_padding() -> None:
     np.testing.assert_allclose(pool(hidden, MASK, "max"), expected)
 
 
+def test_nan_at_padded_positions_never_leaks() -> None:
+    hidden = HIDDEN.copy()
+    hidden[1, 2] = np.nan  # some exported attention paths leave NaN where the mask is 0
+    for mode in ("mean", "mean_sqrt_len", "max", "lasttoken", "cls"):
+        assert np.isfinite(pool(hidden, MASK, mode)).all(), mode
+
+
 def test_cls_and_last_token() -> None:
     np.testing.assert_allclose(pool(HIDDEN, MASK, "cls"), HIDDEN[:, 0])
     np.testing.assert_allclose(
