@@ -84,7 +84,10 @@ class SidecarServer:
         try:
             self.port = self._server.add_insecure_port(settings.address)
         except RuntimeError as exc:
-            raise ConfigError(f"cannot listen on {settings.address}: {exc}") from None
+            raise ConfigError(
+                f"cannot listen on {settings.address} (another process may hold it; choose "
+                f"another --address): {exc}"
+            ) from None
         for service in ("", INFERENCE, MODELS):
             await self.health.set(service, NOT_SERVING)
         for status in self.registry:
