@@ -124,10 +124,6 @@ class SidecarServer:
         self._inference_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def wait_for_termination(self) -> None:
-        """Block until the server stops."""
-        await self._server.wait_for_termination()
-
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""

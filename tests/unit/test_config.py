@@ -119,3 +119,17 @@ def test_readme_documents_every_setting() -> None:
     for item in fields(Settings):
         assert f"| `{item.name}` |" in readme, f"README's configuration table lacks {item.name}"
         assert f"SIDECAR_{item.name.upper()}" in readme
+
+
+def test_readme_yaml_example_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(example)
+    settings = load_settings({}, env={}, config_file=config)
+    assert settings.address == "unix:/var/run/sidecar/sidecar.sock"
+    assert settings.default_model == "embedder"
+    assert [(m.name, m.intra_op_threads) for m in settings.models] == [
+        ("embedder", None),
+        (None, 1),
+    ]
