@@ -9,6 +9,7 @@ from functools import wraps
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from sidecar import errors
@@ -44,6 +45,16 @@ def rpc_status(exc: BaseException) -> status_pb2.Status:
     return status_pb2.Status(code=code.value[0], message=message)
 
 
+def check_answer_size(answer: Message, limit: int, subject: str = "the answer") -> None:
+    """Refuse an answer gRPC could not send, as the caller's to fix (gRPC itself would end
+    the call with RESOURCE_EXHAUSTED, which reads as 'back off')."""
+    if (size := answer.ByteSize()) > limit:
+        raise errors.InvalidInputError(
+            f"{subject} would be {size} bytes, over max_message_bytes {limit}: "
+            "send fewer or shorter inputs, or set truncate"
+        )
+
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -67,12 +78,8 @@ def translates_errors(handler: F) -> F:
         try:
             async with self.admission.call():
                 response = await handler(self, request, context)
-            if response is not None and (size := response.ByteSize()) > self.max_message_bytes:
-                # Said here, as the caller's to fix; gRPC itself would answer RESOURCE_EXHAUSTED.
-                raise errors.InvalidInputError(
-                    f"the answer would be {size} bytes, over max_message_bytes "
-                    f"{self.max_message_bytes}: send fewer or shorter inputs, or set truncate"
-                )
+            if response is not None:
+                check_answer_size(response, self.max_message_bytes)
             return response
         except grpc.aio.AbortError:
             raise

@@ -22,7 +22,7 @@ from typing import Any
 from sidecar.dataplane.service import DataPlane
 from sidecar.errors import CancelledError, InvalidInputError, NotImplementedYetError
 from sidecar.grpc import to_domain, to_proto
-from sidecar.grpc.status import rpc_status
+from sidecar.grpc.status import check_answer_size, rpc_status
 from sidecar.v1 import inference_pb2 as pb
 
 _EOF = object()
@@ -32,6 +32,10 @@ _EOF = object()
 class _Answer:
     response: pb.StreamResponse
     holds_slot: bool
+
+
+def _cancelled(item_id: str) -> CancelledError:
+    return CancelledError(f"item {item_id!r} was cancelled")
 
 
 ITEM_KINDS = ("embed", "classify", "tokenize", "extract_entities", "rerank", "generate", "cancel")
@@ -84,28 +88,25 @@ class _StreamCall:
         # A done callback sees every ending, including a task cancelled before it started.
         del self.running[item_id]
         if task.cancelled():
-            self.error(item_id, CancelledError(f"item {item_id!r} was cancelled"), True)
+            self.error(item_id, _cancelled(item_id), True)
         elif (exc := task.exception()) is not None:
             self.error(item_id, exc, True)
-        elif (size := task.result().ByteSize()) > self.max_message_bytes:
-            # gRPC would end the whole call over one answer: fail only this item.
-            self.error(
-                item_id,
-                InvalidInputError(
-                    f"the answer to item {item_id!r} would be {size} bytes, over max_message_bytes "
-                    f"{self.max_message_bytes}: send fewer or shorter inputs, or set truncate"
-                ),
-                True,
-            )
         else:
-            self.out.put_nowait(_Answer(task.result(), True))
+            try:
+                # gRPC would end the whole call over one oversized answer: fail only this item.
+                subject = f"the answer to item {item_id!r}"
+                check_answer_size(task.result(), self.max_message_bytes, subject)
+            except InvalidInputError as too_big:
+                self.error(item_id, too_big, True)
+            else:
+                self.out.put_nowait(_Answer(task.result(), True))
 
     def cancel(self, item_id: str) -> None:
         if (task := self.running.get(item_id)) is not None:
             task.cancel()
         elif self.backlog.pop(item_id, None) is not None:
             self.room.release()
-            self.error(item_id, CancelledError(f"item {item_id!r} was cancelled"), False)
+            self.error(item_id, _cancelled(item_id), False)
 
     async def read(self) -> None:
         try:
