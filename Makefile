@@ -11,7 +11,7 @@ MODELS_DIR ?= models
 DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
 ADDRESS ?= 127.0.0.1:50051
 
-.PHONY: help install run export-default proto lint format test coldstart clean
+.PHONY: help install run export-default proto lint format test bench coldstart clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
-	$(PIP) install --quiet -c constraints.txt -e ".[export,dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[export,dev,bench]"
 	@touch $@
 
 install: $(STAMP)  ## create .venv and install the pinned packages
@@ -49,6 +49,9 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 
 test: $(STAMP) lint  ## install, lint, and run the whole test suite
 	$(VENV)/bin/pytest -q
+
+bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## sidecar vs in-process ceiling vs naive baseline, int8 (BENCH_ARGS=--quick)
+	$(PY) -m tools.bench --model-dir $(DEFAULT_MODEL) --out bench-results $(BENCH_ARGS)
 
 coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from launch to SERVING
 	$(PY) tools/coldstart.py $(DEFAULT_MODEL) --runs 5

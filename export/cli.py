@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from export import quantize
 from sidecar.errors import SidecarError
 from sidecar.models.manifest import Task
 from sidecar.tasks.embed import POOLING_MODES
@@ -43,6 +45,26 @@ def main(argv: list[str] | None = None) -> int:
         "--trust-remote-code", action="store_true", help="run the checkpoint's own Python code"
     )
     parser.add_argument("--force", action="store_true", help="replace an existing model dir")
+    parser.add_argument(
+        "--quantize",
+        choices=quantize.CHOICES,
+        default="none",
+        help="int8: dynamic int8 weights, checked against the fp32 export (default: none)",
+    )
+    parser.add_argument(
+        "--int8-min-cosine",
+        type=float,
+        default=0.99,
+        help="with --quantize int8, embedding models: lowest allowed cosine between int8 and "
+        "fp32 embeddings (default: 0.99)",
+    )
+    parser.add_argument(
+        "--int8-min-agreement",
+        type=float,
+        default=0.9,
+        help="with --quantize int8, classifiers: lowest allowed share of inputs where int8 and "
+        "fp32 pick the same top label (default: 0.9)",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -63,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code,
             force=args.force,
+            quantize=args.quantize,
+            int8_min_cosine=args.int8_min_cosine,
+            int8_min_agreement=args.int8_min_agreement,
         )
     except SidecarError as exc:
         print(f"sidecar-export: {exc}", file=sys.stderr)
@@ -73,7 +98,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{validation['max_abs_diff']:.2e} over {len(validation['cases'])} batches "
         f"(atol {validation['atol']:.0e})"
     )
+    quantization = manifest["quantization"]
+    if isinstance(quantization, dict):
+        print(f"quantized to {quantization['mode']}: {_quality_line(quantization['quality'])}")
     return 0
+
+
+def _quality_line(quality: dict[str, Any]) -> str:
+    if "cosine_min" in quality:
+        return (
+            f"cosine to fp32 min {quality['cosine_min']:.4f}, mean {quality['cosine_mean']:.4f} "
+            f"over {quality['sentences']} sentences"
+        )
+    return (
+        f"top-1 label agrees with fp32 on {quality['top1_agreement']:.0%} of "
+        f"{quality['sentences']} sentences, max probability difference "
+        f"{quality['max_abs_prob_diff']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from export import checkpoint, convert, source, validate
+from export import checkpoint, convert, quality, source, validate
+from export.checkpoint import CheckpointInfo
 from export.progress import Progress
+from export.quantize import CHOICES, quantize_int8
 from sidecar.errors import ExportError
-from sidecar.models.manifest import FORMAT_VERSION, MANIFEST, Task, sha256_file
+from sidecar.models.manifest import MANIFEST, Task, format_version, sha256_file
 
 # sentence-transformers files kept beside the model for people reading the dir.
 _ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -54,6 +56,29 @@ def _dimensions(model: Path) -> int:
     return shape[-1] if isinstance(shape[-1], int) else 0
 
 
+def _check_bar(flag: str, value: float) -> None:
+    # A NaN or out-of-range bar would pass or fail every model regardless of its quality.
+    if not 0.0 <= value <= 1.0:
+        raise ExportError(f"{flag} must be between 0 and 1, not {value}")
+
+
+def _to_int8(
+    staging: Path, model: Path, info: CheckpointInfo, min_cosine: float, min_agreement: float
+) -> dict[str, Any]:
+    """Replace staging's fp32 model with its int8 one if it is close enough to fp32."""
+    int8 = model.with_name(f"{model.stem}.int8{model.suffix}")
+    settings = quantize_int8(model, int8)
+    measured = quality.measure(staging, model, int8, info)
+    quality.check(measured, info.task, min_cosine, min_agreement)
+    # The served file keeps its name: the manifest's onnx_file is what the sidecar loads.
+    int8.replace(model)
+    # The bar the measurement had to clear, under the name of the value it bounds.
+    gate = (
+        {"cosine_min": min_cosine} if info.task is Task.EMBED else {"top1_agreement": min_agreement}
+    )
+    return {**settings, "quality": {**measured, "gate": gate}}
+
+
 def export_model(
     name_or_path: str,
     out: Path,
@@ -69,10 +94,18 @@ def export_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     force: bool = False,
+    quantize: str = "none",
+    int8_min_cosine: float = 0.99,
+    int8_min_agreement: float = 0.9,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint into `out` and return its manifest; a failure leaves `out` untouched."""
-    progress = progress or Progress(5)
+    if quantize not in CHOICES:
+        raise ExportError(f"--quantize {quantize!r} is not one of {', '.join(CHOICES)}")
+    _check_bar("--int8-min-cosine", int8_min_cosine)
+    _check_bar("--int8-min-agreement", int8_min_agreement)
+    int8 = quantize == "int8"
+    progress = progress or Progress(6 if int8 else 5)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: pass --force to replace it")
     staging = out.with_name(f".{out.name}.partial")
@@ -90,9 +123,13 @@ def export_model(
                     shutil.copy2(src.path / extra, staging / extra)
         with progress.step(f"validating against PyTorch (atol {atol:.0e})"):
             validation = validate.validate(src.path, staging, info, atol, trust_remote_code)
+        quantization: str | dict[str, Any] = "none"
+        if int8:
+            with progress.step("quantizing to int8 (dynamic) and comparing it with fp32"):
+                quantization = _to_int8(staging, model, info, int8_min_cosine, int8_min_agreement)
         with progress.step("writing manifest with checksums"):
             manifest = {
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version(quantization),
                 "name": name or out.name,
                 "task": chosen.value,
                 "source": src.manifest_entry(),
@@ -100,7 +137,7 @@ def export_model(
                 "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "onnx_file": model.name,
                 "opset": _opset(model),
-                "quantization": "none",
+                "quantization": quantization,
                 "max_length": info.max_length,
                 "labels": list(info.labels),
                 "multi_label": info.multi_label,

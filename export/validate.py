@@ -65,13 +65,7 @@ def validate(
                 f"the exported tokenizer gives other ids than the checkpoint's tokenizer for "
                 f"{texts[0][:40]!r}...: the model would see different text than it was trained on"
             )
-        outputs = backend.run(
-            {
-                "input_ids": batch.input_ids,
-                "attention_mask": batch.attention_mask,
-                "token_type_ids": batch.token_type_ids,
-            }
-        )
+        outputs = backend.run(batch.feed())
         if info.task is Task.EMBED:
             assert info.pooling is not None
             hidden, expected = outputs["last_hidden_state"], reference.last_hidden_state.numpy()

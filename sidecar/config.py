@@ -58,7 +58,24 @@ class Settings:
     grace_period_s: float = _setting(10.0, "seconds in-flight calls get to finish after SIGTERM")
     device: str = _setting("cpu", "default device: cpu, cuda or cuda:<index>")
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per operator; 0 = one per core")
-    inference_workers: int = _setting(1, "threads running forward passes (each runs one at a time)")
+    inference_workers: int = _setting(
+        1, "threads running forward passes, shared by all models (one pass each at a time)"
+    )
+    max_batch_tokens: int = _setting(
+        8192, "padded tokens (inputs x longest input) in one forward pass"
+    )
+    max_batch_size: int = _setting(
+        4, "inputs in one forward pass, cut from the oldest this many in the queue"
+    )
+    max_batch_delay_ms: float = _setting(
+        0.0, "longest an input waits for others to share its batch; 0 = never wait"
+    )
+    max_queue_size: int = _setting(
+        1024, "inputs waiting per model; past it calls get RESOURCE_EXHAUSTED at once"
+    )
+    max_concurrent_requests: int = _setting(
+        512, "calls and Stream items in progress at once; past it RESOURCE_EXHAUSTED at once"
+    )
     verify_checksums: bool = _setting(
         True, "check every model file's sha256 against the manifest at load"
     )
@@ -146,12 +163,29 @@ def _coerce(name: str, raw: Any, annotation: Any) -> Any:
 
 
 def _validate(settings: Settings) -> Settings:
-    positive = ("max_client_batch_size", "max_message_bytes", "stream_max_in_flight")
-    for name in (*positive, "inference_workers"):
+    positive = (
+        "max_client_batch_size",
+        "max_message_bytes",
+        "stream_max_in_flight",
+        "inference_workers",
+        "max_batch_tokens",
+        "max_batch_size",
+        "max_queue_size",
+        "max_concurrent_requests",
+    )
+    for name in positive:
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1, got {getattr(settings, name)}")
-    if settings.intra_op_threads < 0 or settings.grace_period_s < 0:
-        raise ConfigError("intra_op_threads and grace_period_s must not be negative")
+    for name in ("intra_op_threads", "grace_period_s", "max_batch_delay_ms"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(
+                f"setting {name!r} must not be negative, got {getattr(settings, name)}"
+            )
+    if settings.max_queue_size < settings.max_client_batch_size:
+        raise ConfigError(
+            f"max_queue_size {settings.max_queue_size} is below max_client_batch_size "
+            f"{settings.max_client_batch_size}: a full-size call could never be queued"
+        )
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     for model in settings.models:

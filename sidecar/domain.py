@@ -61,6 +61,16 @@ class CallInfo:
 
 
 @dataclass(frozen=True)
+class BatchOutput:
+    """One forward pass: a row per input (pooled vector or label probabilities) and its cost."""
+
+    rows: npt.NDArray[np.float32]
+    inference_us: int
+    postprocess_us: int
+    padded_tokens: int
+
+
+@dataclass(frozen=True)
 class Embedding:
     """One input's vector and what the model saw of it."""
 

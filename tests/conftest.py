@@ -20,7 +20,12 @@ def export_quietly(source: Path | str, out: Path, **options: object) -> Path:
     from export.pipeline import export_model
     from export.progress import Progress
 
-    export_model(str(source), out, progress=Progress(5, io.StringIO()), **options)  # type: ignore[arg-type]
+    export_model(
+        str(source),
+        out,
+        progress=Progress(6 if options.get("quantize") == "int8" else 5, io.StringIO()),
+        **options,
+    )  # type: ignore[arg-type]
     return out
 
 
@@ -64,6 +69,13 @@ def classifier_dir(classifier_source: Path, tmp_path_factory: pytest.TempPathFac
 def multilabel_dir(multilabel_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The multi-label classifier exported through export/."""
     return export_quietly(multilabel_source, tmp_path_factory.mktemp("models") / "moderation")
+
+
+@pytest.fixture(scope="session")
+def minilm_int8_dir(minilm_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM exported with --quantize int8 (the one int8 MiniLM export of the session)."""
+    out = tmp_path_factory.mktemp("models") / "minilm-int8"
+    return export_quietly(minilm_source, out, name="minilm-int8", quantize="int8")
 
 
 @pytest.fixture(scope="session")

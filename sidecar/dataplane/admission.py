@@ -51,6 +51,8 @@ class Admission:
 
     async def wait_idle(self, within: float) -> bool:
         """Wait until no call is in flight; False if `within` seconds pass first."""
+        if not self._active:
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), within)
         except TimeoutError:

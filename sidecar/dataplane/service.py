@@ -1,13 +1,14 @@
-"""The dataplane: validate, route to a model, run off the event loop, honour deadlines."""
+"""The dataplane: validate, route to a model's batcher, bound the work, honour deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
-from typing import TypeVar
+from contextlib import contextmanager
 
+from sidecar.batching.batcher import Batcher, BatchLimits, JobOutput
 from sidecar.config import Settings
 from sidecar.dataplane.admission import Admission
 from sidecar.dataplane.registry import ModelRegistry
@@ -21,62 +22,86 @@ from sidecar.domain import (
     TokenizeRequest,
     TokenizeResult,
 )
-from sidecar.errors import DeadlineExceededError
+from sidecar.errors import DeadlineExceededError, OverloadedError
 from sidecar.models.manifest import Task
-
-R = TypeVar("R", EmbedResult, ClassifyResult, TokenizeResult)
-
-
-def _expired() -> DeadlineExceededError:
-    return DeadlineExceededError(
-        "the call's deadline passed before the model ran; allow a longer deadline"
-    )
+from sidecar.models.served import ServedModel
+from sidecar.tasks.tokenization import EncodedText
 
 
 class DataPlane:
-    """Everything a servicer needs, in domain types. Deadlines are time.monotonic() values."""
+    """Everything a servicer needs, in domain types. Deadlines are time.monotonic() values.
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, executor: Executor) -> None:
+    Embed and Classify inputs go through their model's batcher; `model_pool` runs forward
+    passes and `prepare_pool` tokenizes (so the next batch is tokenized while one runs).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        model_pool: Executor,
+        prepare_pool: Executor,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.admission = Admission()
-        self._executor = executor
+        self._model_pool = model_pool
+        self._prepare_pool = prepare_pool
+        self._limits = BatchLimits(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            workers=settings.inference_workers,
+        )
+        self._batchers: dict[str, Batcher[EncodedText]] = {}
+        self._requests = 0
 
-    async def _run(self, work: Callable[[], R], deadline: float | None) -> R:
-        """Run blocking model work on the executor; drop it if the deadline passes first."""
-        if deadline is not None and time.monotonic() >= deadline:
-            raise _expired()
-        submitted = time.monotonic()
-        started: list[float] = []
+    def batcher(self, model: ServedModel) -> Batcher[EncodedText]:
+        """The model's batcher, made on first use."""
+        batcher = self._batchers.get(model.name)
+        if batcher is None:
+            batcher = Batcher(
+                model.name, model.infer, self._limits, self._model_pool, self._prepare_pool
+            )
+            self._batchers[model.name] = batcher
+        return batcher
 
-        def timed() -> R:
-            started.append(time.monotonic())
-            # Waited out its deadline in the executor queue: skip the forward pass.
-            if deadline is not None and started[0] >= deadline:
-                raise _expired()
-            return work()
-
-        future = asyncio.get_running_loop().run_in_executor(self._executor, timed)
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count a request (a unary call or one Stream item) against max_concurrent_requests."""
+        limit = self.settings.max_concurrent_requests
+        if self._requests >= limit:
+            raise OverloadedError(
+                f"{self._requests} requests are in progress, the max_concurrent_requests "
+                f"limit: retry with backoff, or add sidecar replicas"
+            )
+        self._requests += 1
         try:
-            if deadline is None:
-                result = await future
-            else:
-                result = await asyncio.wait_for(future, max(deadline - time.monotonic(), 0))
-        except TimeoutError:
-            raise DeadlineExceededError(
-                "the call's deadline passed while the model ran; allow a longer deadline"
-            ) from None
-        info: CallInfo = result.info
-        info.queue_us = int((started[0] - submitted) * 1e6)
-        return result
+            yield
+        finally:
+            self._requests -= 1
+
+    async def _batched(
+        self, model: ServedModel, inputs: Sequence[str], truncate: bool, deadline: float | None
+    ) -> tuple[JobOutput[EncodedText], CallInfo]:
+        """Queue a call's inputs on the model's batcher and time the call."""
+        with self._counted():
+            job = await self.batcher(model).submit(
+                len(inputs), lambda: model.encode(inputs, truncate), deadline
+            )
+        info = model.call_info()
+        info.queue_us, info.tokenize_us = job.queue_us, job.tokenize_us
+        info.inference_us, info.postprocess_us = job.inference_us, job.postprocess_us
+        info.batch_size = job.batch_size
+        return job, info
 
     async def embed(self, request: EmbedRequest, deadline: float | None = None) -> EmbedResult:
         """Embeddings for a batch of texts."""
         check_inputs(request.inputs, self.settings.max_client_batch_size)
         model = self.registry.resolve(request.model, Task.EMBED, "Embed")
-        return await self._run(
-            lambda: model.embed(request.inputs, request.normalize, request.truncate), deadline
-        )
+        job, info = await self._batched(model, request.inputs, request.truncate, deadline)
+        return model.embed_result(job.rows, job.inputs, request.normalize, info)
 
     async def classify(
         self, request: ClassifyRequest, deadline: float | None = None
@@ -85,17 +110,37 @@ class DataPlane:
         check_inputs(request.inputs, self.settings.max_client_batch_size)
         check_non_negative("top_k", request.top_k)
         model = self.registry.resolve(request.model, Task.CLASSIFY, "Classify")
-        return await self._run(
-            lambda: model.classify(request.inputs, request.top_k, request.truncate), deadline
-        )
+        job, info = await self._batched(model, request.inputs, request.truncate, deadline)
+        return model.classify_result(job.rows, job.inputs, request.top_k, info)
 
     async def tokenize(
         self, request: TokenizeRequest, deadline: float | None = None
     ) -> TokenizeResult:
-        """The model's tokens for a batch of texts (any task)."""
+        """The model's tokens for a batch of texts (any task); no forward pass, no queue."""
         check_inputs(request.inputs, self.settings.max_client_batch_size)
         model = self.registry.resolve(request.model)
-        return await self._run(
-            lambda: model.tokenize(request.inputs, request.add_special_tokens, request.truncate),
-            deadline,
-        )
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceededError("the call's deadline passed before it started")
+        with self._counted():
+            work = asyncio.get_running_loop().run_in_executor(
+                self._prepare_pool,
+                lambda: model.tokenize(
+                    request.inputs, request.add_special_tokens, request.truncate
+                ),
+            )
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await work
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    "the call's deadline passed while tokenizing; allow a longer deadline"
+                ) from None
+
+    def queue_depth(self, model: str) -> int:
+        """Inputs waiting on a model's batcher (0 before its first call)."""
+        batcher = self._batchers.get(model)
+        return batcher.depth if batcher else 0
+
+    async def close(self) -> None:
+        """Stop every batcher; calls still queued are refused."""
+        await asyncio.gather(*(b.close() for b in self._batchers.values()))

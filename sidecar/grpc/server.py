@@ -43,8 +43,12 @@ class SidecarServer:
         self._inference_pool = ThreadPoolExecutor(
             settings.inference_workers, thread_name_prefix="inference"
         )
+        # Tokenizing is short and releases the GIL; two threads keep it off the batch's path.
+        self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
-        self.dataplane = DataPlane(settings, self.registry, self._inference_pool)
+        self.dataplane = DataPlane(
+            settings, self.registry, self._inference_pool, self._prepare_pool
+        )
         self.health = HealthServicer()
         self._server = grpc.aio.server(
             options=[
@@ -121,7 +125,9 @@ class SidecarServer:
             )
         # Whatever is left (a response still being written) gets the rest of the grace period.
         await self._server.stop(max(grace - (time.monotonic() - began), 0))
+        await self.dataplane.close()
         self._inference_pool.shutdown(wait=False, cancel_futures=True)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -16,7 +16,8 @@ from sidecar.errors import ChecksumMismatchError, ModelLoadError
 
 MANIFEST = "manifest.json"
 # Bumped only when a reader of the old format would misread the new one.
-FORMAT_VERSION = 1
+# 2: `quantization` may be an object (mode, settings, quality) instead of a string.
+FORMAT_VERSION = 2
 _CHUNK = 1 << 20
 
 
@@ -59,11 +60,29 @@ class Manifest:
     multi_label: bool = False
     pooling: Pooling | None = None
     dimensions: int = 0
-    quantization: str = "none"
+    quantization: str = "none"  # none | int8-dynamic
+    # What export measured against the fp32 model (cosine_min, top1_agreement, ...); {} for fp32.
+    quantization_quality: dict[str, Any] = field(default_factory=dict)
     opset: int = 0
     exported_by: dict[str, str] = field(default_factory=dict)
     validation: Validation | None = None
     digest: str = ""  # sha256 of manifest.json itself
+
+
+def format_version(quantization: str | dict[str, Any]) -> int:
+    """The oldest format that holds this manifest's quantization entry."""
+    # So sidecars that predate quantized exports still read fp32 dirs, and refuse quantized
+    # ones with "upgrade the sidecar" instead of misreading them.
+    return 1 if isinstance(quantization, str) else FORMAT_VERSION
+
+
+def _quantization(entry: Any) -> tuple[str, dict[str, Any]]:
+    """Mode and measured quality from a format 1 string or a format 2 object."""
+    if not entry:
+        return "none", {}
+    if isinstance(entry, str):
+        return entry, {}
+    return str(entry["mode"]), dict(entry.get("quality") or {})
 
 
 def sha256_file(path: Path) -> str:
@@ -122,6 +141,7 @@ def _parse(model_dir: Path) -> Manifest:
     pooling = data.get("pooling")
     validation = data.get("validation")
     source = _require(data, "source", path)
+    quantization, quality = _quantization(data.get("quantization"))
     return Manifest(
         name=_require(data, "name", path),
         task=task,
@@ -134,7 +154,8 @@ def _parse(model_dir: Path) -> Manifest:
         multi_label=bool(data.get("multi_label", False)),
         pooling=Pooling(pooling["mode"], bool(pooling["normalize"])) if pooling else None,
         dimensions=int(data.get("dimensions") or 0),
-        quantization=data.get("quantization") or "none",
+        quantization=quantization,
+        quantization_quality=quality,
         opset=int(data.get("opset") or 0),
         exported_by=dict(data.get("exported_by") or {}),
         validation=(

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sidecar.domain import (
+    BatchOutput,
     CallInfo,
     Classification,
     ClassifyResult,
@@ -23,13 +24,19 @@ from sidecar.domain import (
 from sidecar.models.manifest import Manifest, Task
 from sidecar.runtime.backend import Backend
 from sidecar.tasks import classify, embed
-from sidecar.tasks.tokenization import EncodedBatch, TextEncoder
+from sidecar.tasks.tokenization import EncodedText, TextEncoder
 
 WARM_UP_TEXT = "Warm-up: the sidecar runs one short and one full-length input before serving."
 
 
 def _us(start_ns: int, end_ns: int) -> int:
     return (end_ns - start_ns) // 1000
+
+
+def _output(outputs: dict[str, npt.NDArray[np.float32]], name: str) -> npt.NDArray[np.float32]:
+    """The named output, or the graph's only one when it names it differently."""
+    found = outputs.get(name)
+    return next(iter(outputs.values())) if found is None else found
 
 
 class ServedModel:
@@ -58,61 +65,96 @@ class ServedModel:
             device=self.backend.device,
         )
 
-    def _forward(
-        self, texts: Sequence[str], truncate: bool, info: CallInfo, output: str
-    ) -> tuple[EncodedBatch, npt.NDArray[np.float32]]:
-        """Tokenize and run the batch; return the named output (or the graph's only one)."""
-        t0 = time.perf_counter_ns()
-        batch = self.encoder.encode(texts, truncate)
-        t1 = time.perf_counter_ns()
-        outputs = self.backend.run(
-            {
-                "input_ids": batch.input_ids,
-                "attention_mask": batch.attention_mask,
-                "token_type_ids": batch.token_type_ids,
-            }
-        )
-        t2 = time.perf_counter_ns()
-        info.tokenize_us, info.inference_us = _us(t0, t1), _us(t1, t2)
-        info.batch_size = len(texts)
-        found = outputs.get(output)
-        return batch, next(iter(outputs.values())) if found is None else found
+    def encode(self, texts: Sequence[str], truncate: bool) -> list[EncodedText]:
+        """The model's ids for each text, unpadded; over-long ones cut when `truncate`."""
+        return self.encoder.encode_each(texts, truncate)
 
-    def embed(self, texts: Sequence[str], normalize: bool | None, truncate: bool) -> EmbedResult:
-        """Pooled (and by default normalized) embeddings."""
-        # The registry routes only embedding models here; preflight guarantees pooling.
-        assert self.manifest.pooling is not None
-        info = self.call_info()
-        batch, hidden = self._forward(texts, truncate, info, "last_hidden_state")
+    def infer(self, items: Sequence[EncodedText]) -> BatchOutput:
+        """One forward pass over a batch, reduced to one row per input.
+
+        Embedding models give pooled (not yet normalized) vectors, classifiers give label
+        probabilities; what differs per call (normalize, top_k) is left to the result
+        builders so inputs of different calls can share a batch.
+        """
+        batch = self.encoder.pad(items)
         t0 = time.perf_counter_ns()
-        vectors = embed.pool(hidden, batch.attention_mask, self.manifest.pooling.mode)
+        outputs = self.backend.run(batch.feed())
+        t1 = time.perf_counter_ns()
+        if self.task is Task.EMBED:
+            # The registry routes only embedding models here; preflight guarantees pooling.
+            assert self.manifest.pooling is not None
+            hidden = _output(outputs, "last_hidden_state")
+            rows = embed.pool(hidden, batch.attention_mask, self.manifest.pooling.mode)
+        else:
+            rows = classify.probabilities(_output(outputs, "logits"), self.manifest.multi_label)
+        return BatchOutput(
+            rows=rows,
+            inference_us=_us(t0, t1),
+            postprocess_us=_us(t1, time.perf_counter_ns()),
+            padded_tokens=int(batch.input_ids.size),
+        )
+
+    def embed_result(
+        self,
+        vectors: npt.NDArray[np.float32],
+        items: Sequence[EncodedText],
+        normalize: bool | None,
+        info: CallInfo,
+    ) -> EmbedResult:
+        """Embeddings from pooled rows, normalized unless the call or the model says not to."""
+        assert self.manifest.pooling is not None
+        t0 = time.perf_counter_ns()
         if self.manifest.pooling.normalize if normalize is None else normalize:
             vectors = embed.normalize(vectors)
         result = [
-            Embedding(
-                values=vectors[i], token_count=batch.token_counts[i], truncated=batch.truncated[i]
-            )
-            for i in range(len(texts))
+            Embedding(values=vectors[i], token_count=item.length, truncated=item.truncated)
+            for i, item in enumerate(items)
         ]
-        info.postprocess_us = _us(t0, time.perf_counter_ns())
+        info.postprocess_us += _us(t0, time.perf_counter_ns())
         return EmbedResult(embeddings=result, dimensions=int(vectors.shape[1]), info=info)
 
-    def classify(self, texts: Sequence[str], top_k: int, truncate: bool) -> ClassifyResult:
-        """Label probabilities, sorted, top_k of them when top_k > 0."""
-        info = self.call_info()
-        batch, logits = self._forward(texts, truncate, info, "logits")
+    def classify_result(
+        self,
+        scores: npt.NDArray[np.float32],
+        items: Sequence[EncodedText],
+        top_k: int,
+        info: CallInfo,
+    ) -> ClassifyResult:
+        """Classifications from probability rows: labels sorted, top_k of them when > 0."""
         t0 = time.perf_counter_ns()
-        scores = classify.probabilities(logits, self.manifest.multi_label)
         results = [
             Classification(
                 labels=classify.ranked(scores[i], self.manifest.labels, top_k),
-                token_count=batch.token_counts[i],
-                truncated=batch.truncated[i],
+                token_count=item.length,
+                truncated=item.truncated,
             )
-            for i in range(len(texts))
+            for i, item in enumerate(items)
         ]
-        info.postprocess_us = _us(t0, time.perf_counter_ns())
+        info.postprocess_us += _us(t0, time.perf_counter_ns())
         return ClassifyResult(results=results, multi_label=self.manifest.multi_label, info=info)
+
+    def _direct(
+        self, texts: Sequence[str], truncate: bool
+    ) -> tuple[list[EncodedText], BatchOutput, CallInfo]:
+        """Encode and run texts as one batch, outside any queue."""
+        info = self.call_info()
+        t0 = time.perf_counter_ns()
+        items = self.encode(texts, truncate)
+        info.tokenize_us = _us(t0, time.perf_counter_ns())
+        output = self.infer(items)
+        info.inference_us, info.postprocess_us = output.inference_us, output.postprocess_us
+        info.batch_size = len(items)
+        return items, output, info
+
+    def embed(self, texts: Sequence[str], normalize: bool | None, truncate: bool) -> EmbedResult:
+        """Embeddings for texts run as one batch (warm-up and export validation use this)."""
+        items, output, info = self._direct(texts, truncate)
+        return self.embed_result(output.rows, items, normalize, info)
+
+    def classify(self, texts: Sequence[str], top_k: int, truncate: bool) -> ClassifyResult:
+        """Classifications for texts run as one batch."""
+        items, output, info = self._direct(texts, truncate)
+        return self.classify_result(output.rows, items, top_k, info)
 
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool, truncate: bool

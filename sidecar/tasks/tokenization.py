@@ -22,6 +22,20 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)
+class EncodedText:
+    """One input's ids with special tokens, unpadded, and whether truncation cut it."""
+
+    ids: npt.NDArray[np.int64]
+    type_ids: npt.NDArray[np.int64]
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        """Tokens the model sees for this input."""
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
 class EncodedBatch:
     """Padded model inputs for a batch, plus what truncation did to each input."""
 
@@ -30,6 +44,14 @@ class EncodedBatch:
     token_type_ids: npt.NDArray[np.int64]
     token_counts: list[int]
     truncated: list[bool]
+
+    def feed(self) -> dict[str, npt.NDArray[np.int64]]:
+        """The arrays by the input names encoder graphs use (a backend takes those it has)."""
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": self.token_type_ids,
+        }
 
 
 def _pad_token(model_dir: Path, tokenizer: Tokenizer) -> int | None:
@@ -86,22 +108,35 @@ class TextEncoder:
                 encodings[index] = self._cut.encode(texts[index])
         return encodings, truncated
 
-    def encode(self, texts: Sequence[str], truncate: bool) -> EncodedBatch:
-        """Encode with special tokens, pad to the longest, and report truncation."""
+    def encode_each(self, texts: Sequence[str], truncate: bool) -> list[EncodedText]:
+        """Encode with special tokens, one unpadded input at a time (the batcher pads later)."""
+        encodings, truncated = self._encode(texts, truncate)
+        return [
+            EncodedText(
+                np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64), cut
+            )
+            for e, cut in zip(encodings, truncated, strict=True)
+        ]
+
+    def pad(self, items: Sequence[EncodedText]) -> EncodedBatch:
+        """Pad encoded inputs to the longest of them."""
         if self.pad_id is None:
             raise ModelLoadError("the tokenizer has no pad token; batching needs one")
-        encodings, truncated = self._encode(texts, truncate)
-        lengths = [len(e.ids) for e in encodings]
+        lengths = [item.length for item in items]
         width = max(lengths)
-        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        types = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
+        ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        types = np.zeros((len(items), width), dtype=np.int64)
+        for row, item in enumerate(items):
             n = lengths[row]
-            ids[row, :n] = encoding.ids
+            ids[row, :n] = item.ids
             mask[row, :n] = 1
-            types[row, :n] = encoding.type_ids
-        return EncodedBatch(ids, mask, types, lengths, truncated)
+            types[row, :n] = item.type_ids
+        return EncodedBatch(ids, mask, types, lengths, [item.truncated for item in items])
+
+    def encode(self, texts: Sequence[str], truncate: bool) -> EncodedBatch:
+        """Encode with special tokens, pad to the longest, and report truncation."""
+        return self.pad(self.encode_each(texts, truncate))
 
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool, truncate: bool

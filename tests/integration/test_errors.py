@@ -90,7 +90,9 @@ async def test_dataplane_deadline_message(server: SidecarServer) -> None:
     from sidecar.domain import EmbedRequest
     from sidecar.errors import DeadlineExceededError
 
-    with pytest.raises(DeadlineExceededError, match="deadline passed before the model ran"):
+    with pytest.raises(
+        DeadlineExceededError, match="deadline passed while queued, before the model ran"
+    ):
         await server.dataplane.embed(
             EmbedRequest(model="", inputs=["x"]), deadline=time.monotonic() - 1
         )

