@@ -1,9 +1,9 @@
 """The baseline the seed articles warn about: transformers.pipeline behind FastAPI.
 
-    BENCH_NAIVE_MODEL=path/to/checkpoint uvicorn tools.bench.naive:app
+    BENCH_NAIVE_MODEL=path/to/checkpoint [BENCH_NAIVE_DEVICE=cuda] uvicorn tools.bench.naive:app
 
 Loaded once at start-up (the articles' first fix), then one pipeline call per request on
-uvicorn's thread pool, PyTorch eager on the CPU, no batching across requests; mean
+uvicorn's thread pool, PyTorch eager on the bench's device, no batching across requests; mean
 pooling and normalization in numpy, as a sentence-transformers user would write it.
 """
 
@@ -27,7 +27,10 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     """Load the pipeline once per process, before the first request."""
     global _extractor
     _extractor = pipeline(
-        "feature-extraction", model=os.environ["BENCH_NAIVE_MODEL"], framework="pt", device="cpu"
+        "feature-extraction",
+        model=os.environ["BENCH_NAIVE_MODEL"],
+        framework="pt",
+        device=os.environ.get("BENCH_NAIVE_DEVICE", "cpu"),
     )
     yield
 
