@@ -123,7 +123,10 @@ class Batcher(Generic[T]):
         limits: BatchLimits,
         model_pool: Executor,
         prepare_pool: Executor,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
+        """`slots` bounds forward passes in flight; share one among the batchers that share
+        `model_pool`, so a batch is only cut when a thread is free to run it."""
         self.name = name
         self.limits = limits
         self._run_batch = run
@@ -132,9 +135,10 @@ class Batcher(Generic[T]):
         self._pending: list[_Queued[T]] = []  # oldest first
         self._depth = 0
         self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(limits.workers)
-        self._running: set[asyncio.Task[None]] = set()
+        self._slots = slots or asyncio.Semaphore(limits.workers)
+        self._running: dict[asyncio.Task[None], list[_Queued[T]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def depth(self) -> int:
@@ -145,6 +149,8 @@ class Batcher(Generic[T]):
         self, count: int, prepare: Callable[[], Sequence[T]], deadline: float | None
     ) -> JobOutput[T]:
         """Tokenize a call's `count` inputs with `prepare`, queue them, return their rows."""
+        if self._closed:
+            raise _stopped(self.name)
         if self._depth + count > self.limits.max_queue_size:
             raise OverloadedError(
                 f"model {self.name!r} has {self._depth} inputs queued; {count} more would pass "
@@ -155,6 +161,7 @@ class Batcher(Generic[T]):
             raise _deadline_error(started=False)
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._dispatch(), name=f"batcher-{self.name}")
+            self._loop_task.add_done_callback(self._loop_ended)
         job = _Job(count, deadline)
         self._depth += count
         loop = asyncio.get_running_loop()
@@ -194,23 +201,42 @@ class Batcher(Generic[T]):
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._slots.acquire()
-            if limits.max_batch_delay_s > 0 and len(self._pending) < limits.max_batch_size:
+            # Calls may have left (cancel, deadline) while this waited for a worker.
+            while limits.max_batch_delay_s > 0 and 0 < len(self._pending) < limits.max_batch_size:
                 # Wait for company, but never hold the oldest input past the delay.
-                until = self._pending[0].job.enqueued + limits.max_batch_delay_s
-                while self._pending and len(self._pending) < limits.max_batch_size:
-                    self._arrived.clear()
-                    try:
-                        async with asyncio.timeout_at(until):
-                            await self._arrived.wait()
-                    except TimeoutError:
-                        break
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout_at(
+                        self._pending[0].job.enqueued + limits.max_batch_delay_s
+                    ):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
             batch = self._take()
             if not batch:
                 self._slots.release()
                 continue
             task = asyncio.create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._running[task] = batch
+            task.add_done_callback(self._batch_ended)
+
+    def _batch_ended(self, task: asyncio.Task[None]) -> None:
+        batch = self._running.pop(task)
+        if task.cancelled():
+            # Cancelled before its first step: its callers are still waiting.
+            for queued in batch:
+                queued.job.fail(_stopped(self.name))
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A batch loop that died of a bug must not leave callers waiting for ever."""
+        self._loop_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error("batch loop of model %s failed; restarting it", self.name, exc_info=exc)
+        for queued in self._pending:
+            queued.job.fail(exc or _stopped(self.name))
+        self._pending = []
 
     def _take(self) -> list[_Queued[T]]:
         """Drop what expired, then remove the next batch from the queue."""
@@ -218,7 +244,7 @@ class Batcher(Generic[T]):
         for queued in self._pending:
             job = queued.job
             if job.deadline is not None and job.deadline <= now:
-                job.fail(_deadline_error(started=False))
+                job.fail(_deadline_error(started=job.started is not None))
         live = [q for q in self._pending if not q.job.future.done()]
         chosen = set(
             plan(
@@ -253,13 +279,21 @@ class Batcher(Generic[T]):
             if isinstance(exc, asyncio.CancelledError):
                 raise
         else:
-            for row, queued in enumerate(batch):
-                queued.job.deliver(queued.index, output.rows[row], output, len(batch))
+            if len(output.rows) != len(batch):
+                wrong = RuntimeError(
+                    f"model {self.name!r} returned {len(output.rows)} rows for {len(batch)} inputs"
+                )
+                for queued in batch:
+                    queued.job.fail(wrong)
+            else:
+                for row, queued in enumerate(batch):
+                    queued.job.deliver(queued.index, output.rows[row], output, len(batch))
         finally:
             self._slots.release()
 
     async def close(self) -> None:
-        """Stop the batch loop and fail whatever still waits."""
+        """Stop the batch loop and fail whatever still waits; later calls are refused."""
+        self._closed = True
         tasks = [t for t in (self._loop_task, *self._running) if t is not None]
         for task in tasks:
             task.cancel()

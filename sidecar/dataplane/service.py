@@ -55,6 +55,8 @@ class DataPlane:
             workers=settings.inference_workers,
         )
         self._batchers: dict[str, Batcher[EncodedText]] = {}
+        # One count of free inference threads for every model's batcher: they share the pool.
+        self._slots = asyncio.Semaphore(settings.inference_workers)
         self._requests = 0
 
     def batcher(self, model: ServedModel) -> Batcher[EncodedText]:
@@ -62,7 +64,12 @@ class DataPlane:
         batcher = self._batchers.get(model.name)
         if batcher is None:
             batcher = Batcher(
-                model.name, model.infer, self._limits, self._model_pool, self._prepare_pool
+                model.name,
+                model.infer,
+                self._limits,
+                self._model_pool,
+                self._prepare_pool,
+                self._slots,
             )
             self._batchers[model.name] = batcher
         return batcher

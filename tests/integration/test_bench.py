@@ -41,6 +41,8 @@ def test_quick_bench_runs_every_scenario(
     assert 0.9 < results["int8"]["cosine_mean"] <= 1.0
     assert len(results["ratios"]) == 8
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tables = (out / "bench.md").read_text()
+    assert all(f"| {name} |" in tables for name in SCENARIOS)
     # The printed report carries the table and every ratio with its target.
     assert "sidecar 16 callers / ceiling" in done.stdout
     assert "target" in done.stdout

@@ -296,3 +296,83 @@ async def test_close_refuses_what_still_waits(
     for task in (first, waiting):
         with pytest.raises(ModelNotReadyError, match="stopped before the call ran"):
             await task
+
+
+async def test_a_call_leaving_while_the_loop_waits_for_a_worker_breaks_nothing(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model = Model()
+    limits = BatchLimits(
+        max_batch_tokens=512,
+        max_batch_size=8,
+        max_batch_delay_s=0.005,
+        max_queue_size=64,
+        workers=1,
+    )
+    batcher = make(model, pools, limits)
+    first = await hold_first_batch(batcher, model)
+    gone = asyncio.create_task(submit(batcher, [Text(5, 20)]))
+    await asyncio.sleep(0.05)  # the loop now waits for the worker with `gone` queued
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    model.gate.set()
+    await first
+    rows = await asyncio.wait_for(submit(batcher, [Text(7, 9)]), 5)
+    assert rows.tolist() == [[7, 9]]
+    await batcher.close()
+
+
+async def test_a_wrong_row_count_fails_the_batch_and_the_batcher_goes_on(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    def short(items: list[Text]) -> BatchOutput:
+        rows = np.zeros((len(items) - 1, 2), dtype=np.float32) if len(items) > 1 else None
+        if rows is None:
+            rows = np.array([[items[0].tag, items[0].length]], dtype=np.float32)
+        return BatchOutput(rows=rows, inference_us=1, postprocess_us=1, padded_tokens=0)
+
+    model = Model()
+    batcher = make(model, pools)
+    first = await hold_first_batch(batcher, model)
+    batcher._run_batch = short  # the next batches come back one row short
+    tasks = [asyncio.create_task(submit(batcher, [Text(i, 30)])) for i in range(3)]
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await first
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        assert isinstance(outcome, RuntimeError)
+        assert "returned 2 rows for 3 inputs" in str(outcome)
+    assert (await asyncio.wait_for(submit(batcher, [Text(7, 9)]), 5)).tolist() == [[7, 9]]
+    await batcher.close()
+
+
+async def test_batchers_sharing_workers_cut_a_batch_only_when_one_is_free(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model, other = Model(), Model()
+    slots = asyncio.Semaphore(1)
+    first_batcher = Batcher("a", model, LIMITS, *pools, slots)
+    second_batcher = Batcher("b", other, LIMITS, *pools, slots)
+    first = await hold_first_batch(first_batcher, model)
+    late = asyncio.create_task(
+        submit(second_batcher, [Text(5, 20)], deadline=time.monotonic() + 0.1)
+    )
+    # The other model's call waits for the shared worker in the queue, so its deadline
+    # drops it there: it never reaches its model.
+    with pytest.raises(DeadlineExceededError, match="while queued"):
+        await late
+    model.gate.set()
+    await first
+    assert not other.batches
+    await first_batcher.close()
+    await second_batcher.close()
+
+
+async def test_a_closed_batcher_refuses_new_calls(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    batcher = make(Model(), pools)
+    await batcher.close()
+    with pytest.raises(ModelNotReadyError, match="stopped before the call ran"):
+        await submit(batcher, [Text(1, 1)])

@@ -28,7 +28,7 @@ Call = Callable[[list[str]], Awaitable[None]]
 
 
 class Recorder:
-    """Latencies and text counts of the calls that started inside the measured window."""
+    """Latencies and text counts of the calls that finished inside the measured window."""
 
     def __init__(self, start: float, end: float) -> None:
         self.start, self.end = start, end

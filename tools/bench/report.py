@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ def summarize(raw: dict[str, Any], **labels: Any) -> dict[str, Any]:
     def pct(q: float) -> float:
         if not latencies:
             return float("nan")
-        return 1000 * latencies[min(int(q * len(latencies)), len(latencies) - 1)]
+        # Nearest rank: the smallest latency with at least q of the calls at or below it.
+        return 1000 * latencies[max(math.ceil(q * len(latencies)) - 1, 0)]
 
     return {
         **labels,
@@ -57,10 +59,51 @@ def ratio_table(ratios: list[dict[str, Any]]) -> str:
 
 
 def write(out: Path, results: dict[str, Any]) -> None:
-    """bench.json and bench.png under `out`."""
+    """bench.json, bench.md and bench.png under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(results))
     chart(out / "bench.png", results)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The scenario and ratio tables as Markdown, for docs that quote a run."""
+    ceiling = results["ceiling"]
+    sizes = " / ".join(f"{v:.1f} (batch {k})" for k, v in ceiling["by_batch_size"].items())
+    paired = results.get("paired", [])
+    lines = [
+        f"{results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"device {results['device']}",
+        "",
+        "| scenario | texts/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|",
+        f"| ceiling, in process, length-sorted | {sizes} | | | |",
+    ]
+    lines += [
+        f"| ceiling, paired round {i + 1} | {p['ceiling']:.1f} | | | |"
+        for i, p in enumerate(paired)
+    ]
+    for i, p in enumerate(paired):
+        lines.append(
+            f"| sidecar 16 callers, paired round {i + 1} | {p['texts_per_s']:.1f} | "
+            f"{p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['p99_ms']:.0f} |"
+        )
+    for row in results["scenarios"]:
+        lines.append(
+            f"| {row['name']} | {row['texts_per_s']:.1f} | {row['p50_ms']:.1f} | "
+            f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} |"
+        )
+    for turn in results["int8"].get("paired", []):
+        lines.append(
+            f"| int8 round: fp32 / int8 sidecar, 16 callers | {turn['fp32']:.1f} / "
+            f"{turn['int8']:.1f} | | | |"
+        )
+    lines += ["", "| ratio | measured | target | |", "|---|---|---|---|"]
+    for r in results["ratios"]:
+        verdict = "" if r["target"] == "report" else ("met" if r["met"] else "missed")
+        target = "" if r["target"] == "report" else r["target"]
+        lines.append(f"| {r['name']} | {r['value']:.3f} | {target} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def chart(path: Path, results: dict[str, Any]) -> None:
