@@ -67,7 +67,6 @@ class BatchOutput:
     rows: npt.NDArray[np.float32]
     inference_us: int
     postprocess_us: int
-    padded_tokens: int
 
 
 @dataclass(frozen=True)

@@ -143,11 +143,6 @@ class DataPlane:
                     "the call's deadline passed while tokenizing; allow a longer deadline"
                 ) from None
 
-    def queue_depth(self, model: str) -> int:
-        """Inputs waiting on a model's batcher (0 before its first call)."""
-        batcher = self._batchers.get(model)
-        return batcher.depth if batcher else 0
-
     async def close(self) -> None:
         """Stop every batcher; calls still queued are refused."""
         await asyncio.gather(*(b.close() for b in self._batchers.values()))

@@ -91,7 +91,6 @@ class ServedModel:
             rows=rows,
             inference_us=_us(t0, t1),
             postprocess_us=_us(t1, time.perf_counter_ns()),
-            padded_tokens=int(batch.input_ids.size),
         )
 
     def embed_result(

@@ -45,7 +45,7 @@ class Model:
         if any(item.tag in self.poison for item in items):
             raise RuntimeError("backend failed on this batch")
         rows = np.array([[item.tag, item.length] for item in items], dtype=np.float32)
-        return BatchOutput(rows=rows, inference_us=1, postprocess_us=1, padded_tokens=0)
+        return BatchOutput(rows=rows, inference_us=1, postprocess_us=1)
 
     def seen(self) -> set[int]:
         return {item.tag for batch in self.batches for item in batch}
@@ -330,7 +330,7 @@ async def test_a_wrong_row_count_fails_the_batch_and_the_batcher_goes_on(
         rows = np.zeros((len(items) - 1, 2), dtype=np.float32) if len(items) > 1 else None
         if rows is None:
             rows = np.array([[items[0].tag, items[0].length]], dtype=np.float32)
-        return BatchOutput(rows=rows, inference_us=1, postprocess_us=1, padded_tokens=0)
+        return BatchOutput(rows=rows, inference_us=1, postprocess_us=1)
 
     model = Model()
     batcher = make(model, pools)
