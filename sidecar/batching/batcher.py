@@ -48,7 +48,7 @@ class BatchLimits:
     max_batch_size: int  # inputs in one forward pass
     max_batch_delay_s: float  # longest an input waits for company before its batch starts
     max_queue_size: int  # inputs tokenizing or waiting, per model
-    workers: int  # forward passes of this model running at once
+    workers: int  # forward passes at once, when the batcher is not given shared slots
 
 
 @dataclass(frozen=True)

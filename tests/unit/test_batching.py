@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -245,9 +245,7 @@ async def test_a_full_queue_refuses_at_once_with_the_limit(
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
 ) -> None:
     model = Model()
-    limits = BatchLimits(
-        max_batch_tokens=512, max_batch_size=8, max_batch_delay_s=0, max_queue_size=4, workers=1
-    )
+    limits = replace(LIMITS, max_queue_size=4)
     batcher = make(model, pools, limits)
     first = await hold_first_batch(batcher, model)
     waiting = asyncio.create_task(submit(batcher, [Text(i, 10) for i in range(3)]))
@@ -271,9 +269,7 @@ async def test_the_delay_lets_late_inputs_share_a_batch(
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
 ) -> None:
     model = Model()
-    limits = BatchLimits(
-        max_batch_tokens=512, max_batch_size=8, max_batch_delay_s=0.2, max_queue_size=64, workers=1
-    )
+    limits = replace(LIMITS, max_batch_delay_s=0.2)
     batcher = make(model, pools, limits)
     early = asyncio.create_task(submit(batcher, [Text(1, 10)]))
     await asyncio.sleep(0.05)
@@ -302,13 +298,7 @@ async def test_a_call_leaving_while_the_loop_waits_for_a_worker_breaks_nothing(
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
 ) -> None:
     model = Model()
-    limits = BatchLimits(
-        max_batch_tokens=512,
-        max_batch_size=8,
-        max_batch_delay_s=0.005,
-        max_queue_size=64,
-        workers=1,
-    )
+    limits = replace(LIMITS, max_batch_delay_s=0.005)
     batcher = make(model, pools, limits)
     first = await hold_first_batch(batcher, model)
     gone = asyncio.create_task(submit(batcher, [Text(5, 20)]))

@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tools.bench import corpus, inprocess, report
+from tools.coldstart import free_port
 
 CALLERS = (1, 4, 16, 64)
-
-
-def free_port() -> int:
-    """An unused loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def machine() -> dict[str, Any]:
@@ -55,15 +48,24 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-def _wait(process: subprocess.Popen[bytes], ready: Any, what: str, timeout: float = 120) -> None:
-    until = time.monotonic() + timeout
-    while time.monotonic() < until:
-        if process.poll() is not None:
-            raise SystemExit(f"{what} exited with {process.returncode} before it was ready")
-        if ready():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"{what} was not ready within {timeout:.0f}s")
+@contextmanager
+def _process(
+    command: list[str], ready: Callable[[], bool], what: str, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """Run `command` until the block ends; enter the block once `ready()` says so."""
+    process = subprocess.Popen(command, env=env)
+    try:
+        until = time.monotonic() + 120
+        while not ready():
+            if process.poll() is not None:
+                raise SystemExit(f"{what} exited with {process.returncode} before it was ready")
+            if time.monotonic() > until:
+                raise SystemExit(f"{what} was not ready within 120 s")
+            time.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        process.wait()
 
 
 @contextmanager
@@ -72,7 +74,6 @@ def sidecar(model_dir: Path, device: str, extra: list[str]) -> Iterator[str]:
     address = f"127.0.0.1:{free_port()}"
     command = [str(Path(sys.executable).parent / "sidecar"), "serve", "--model", str(model_dir)]
     command += ["--address", address, "--device", device, "--log-level", "WARNING", *extra]
-    process = subprocess.Popen(command)
 
     def serving() -> bool:
         with grpc.insecure_channel(address) as channel:
@@ -84,12 +85,8 @@ def sidecar(model_dir: Path, device: str, extra: list[str]) -> Iterator[str]:
                 return False
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    try:
-        _wait(process, serving, "sidecar")
+    with _process(command, serving, "sidecar"):
         yield address
-    finally:
-        process.terminate()
-        process.wait()
 
 
 @contextmanager
@@ -99,7 +96,7 @@ def naive_server(checkpoint: Path, device: str) -> Iterator[str]:
     env = {**os.environ, "BENCH_NAIVE_MODEL": str(checkpoint), "BENCH_NAIVE_DEVICE": device}
     env["HF_HUB_OFFLINE"] = "1"
     command = [sys.executable, "-m", "uvicorn", "tools.bench.naive:app", "--port", str(port)]
-    process = subprocess.Popen([*command, "--log-level", "warning"], env=env)
+    command += ["--log-level", "warning"]
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -109,12 +106,8 @@ def naive_server(checkpoint: Path, device: str) -> Iterator[str]:
         except (urllib.error.URLError, OSError):
             return False
 
-    try:
-        _wait(process, up, "naive baseline")
+    with _process(command, up, "naive baseline", env):
         yield url
-    finally:
-        process.terminate()
-        process.wait()
 
 
 def load(
