@@ -129,6 +129,8 @@ def load(
         str(per_call),
     ]
     command += ["--duration", str(timing.duration), "--warmup", str(timing.warmup)]
+    # A smoke run's window is short: keep it open until each caller has finished a call.
+    command += ["--min-calls", str(callers if timing.quick else 0)]
     if stream:
         command.append("--stream")
     done = subprocess.run(command, check=True, capture_output=True, text=True)

@@ -30,15 +30,28 @@ Call = Callable[[list[str]], Awaitable[None]]
 class Recorder:
     """Latencies and text counts of the calls that finished inside the measured window."""
 
-    def __init__(self, start: float, end: float) -> None:
-        self.start, self.end = start, end
+    def __init__(self, start: float, end: float, min_calls: int = 0) -> None:
+        self.start, self.end, self.min_calls = start, end, min_calls
+        self.last = end
         self.latencies: list[float] = []
         self.texts = 0
         self.errors: dict[str, int] = {}
 
+    def open(self, now: float) -> bool:
+        """The window runs to `end`, or on until `min_calls` calls have finished in it."""
+        return now < self.end or len(self.latencies) < self.min_calls
+
     def counts(self, finished: float) -> bool:
         # Completions inside the window: throughput stays right when calls outlast it.
-        return self.start <= finished < self.end
+        if self.start <= finished and self.open(finished):
+            self.last = max(self.last, finished)
+            return True
+        return False
+
+    @property
+    def seconds(self) -> float:
+        """How long the window ended up being."""
+        return self.last - self.start
 
 
 async def closed_loop(
@@ -48,7 +61,7 @@ async def closed_loop(
     cursor = itertools.count()
 
     async def caller() -> None:
-        while (began := time.perf_counter()) < rec.end:
+        while rec.open(began := time.perf_counter()):
             batch = [texts[next(cursor) % len(texts)] for _ in range(per_call)]
             try:
                 await call(batch)
@@ -79,7 +92,7 @@ async def stream_loop(
     async def requests() -> Any:
         for number in itertools.count():
             await room.acquire()
-            if time.perf_counter() >= rec.end:
+            if not rec.open(time.perf_counter()):
                 done.set()
                 return
             item = str(number)
@@ -104,7 +117,7 @@ async def stream_loop(
 async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     # Callers start at different places in the corpus, as independent clients would.
     start = time.perf_counter() + args.warmup
-    rec = Recorder(start, start + args.duration)
+    rec = Recorder(start, start + args.duration, args.min_calls)
     scheme, _, address = args.target.partition("://")
     if scheme == "grpc":
         async with grpc.aio.insecure_channel(address) as channel:
@@ -130,7 +143,7 @@ async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     return {
         "texts": rec.texts,
         "calls": len(rec.latencies),
-        "seconds": args.duration,
+        "seconds": rec.seconds,
         "latencies": rec.latencies,
         "errors": rec.errors,
     }
@@ -148,6 +161,9 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="one Stream instead of unary calls")
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument(
+        "--min-calls", type=int, default=0, help="keep the window open until this many finish"
+    )
     args = parser.parse_args()
     texts = json.loads(Path(args.corpus).read_text())
     print(json.dumps(asyncio.run(run(args, texts))))
