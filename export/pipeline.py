@@ -129,7 +129,7 @@ def export_model(
                 quantization = _to_int8(staging, model, info, int8_min_cosine, int8_min_agreement)
         with progress.step("writing manifest with checksums"):
             manifest = {
-                "format_version": format_version(quantization),
+                "format_version": 0,  # set below, once the manifest is complete
                 "name": name or out.name,
                 "task": chosen.value,
                 "source": src.manifest_entry(),
@@ -157,6 +157,7 @@ def export_model(
                     if p.is_file()
                 },
             }
+            manifest["format_version"] = format_version(manifest)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         with progress.step(f"moving the model dir into place at {out}"):
             # Renames only, so a crash leaves either the old dir or the new one, never neither.

@@ -61,3 +61,108 @@ def build_classifier(out: Path, multi_label: bool = False, seed: int = 0) -> Pat
     torch.manual_seed(seed)
     BertForSequenceClassification(config).eval().save_pretrained(out, safe_serialization=True)
     return out
+
+
+# A ChatML-style template, so chat rendering is exercised on a model that has one.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def train_bpe_tokenizer(out: Path, specials: list[str], vocab_size: int = 400) -> dict[str, int]:
+    """Train a byte-level BPE tokenizer (GPT-2 / BART style) on CORPUS; return special ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        CORPUS * 4,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "raw-tokenizer.json"))
+    return {s: int(tokenizer.token_to_id(s)) for s in specials}
+
+
+def _fast_tokenizer(out: Path, **specials: str) -> object:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    raw = out / "raw-tokenizer.json"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(raw)), model_max_length=128, **specials
+    )
+    raw.unlink()
+    return tokenizer
+
+
+def build_gpt2(out: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide GPT2LMHeadModel with a trained byte-level BPE and a chat template."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    ids = train_bpe_tokenizer(out, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    eos = "<|endoftext|>"
+    tokenizer = _fast_tokenizer(out, eos_token=eos, bos_token=eos, unk_token=eos)
+    tokenizer.chat_template = CHAT_TEMPLATE  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    config = GPT2Config(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=ids[eos],
+        eos_token_id=ids[eos],
+    )
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).eval().save_pretrained(out, safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=ids[eos], eos_token_id=ids[eos], max_new_tokens=24
+    ).save_pretrained(out)
+    return out
+
+
+def build_bart(out: Path, seed: int = 0) -> Path:
+    """A 2+2-layer, 32-wide BartForConditionalGeneration (summarization-shaped) with a trained BPE."""
+    import torch
+    from tokenizers import Tokenizer, processors
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    ids = train_bpe_tokenizer(out, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    raw = Tokenizer.from_file(str(out / "raw-tokenizer.json"))
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])],
+    )
+    raw.save(str(out / "raw-tokenizer.json"))
+    tokenizer = _fast_tokenizer(
+        out, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    config = BartConfig(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        decoder_start_token_id=ids["</s>"],
+        forced_eos_token_id=ids["</s>"],
+    )
+    torch.manual_seed(seed)
+    BartForConditionalGeneration(config).eval().save_pretrained(out, safe_serialization=True)
+    return out

@@ -12,7 +12,7 @@ import pytest
 from sidecar.config import ModelSettings, Settings
 from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2_grpc, models_pb2_grpc
-from tests.checkpoints import build_classifier
+from tests.checkpoints import build_bart, build_classifier, build_gpt2
 
 
 def export_quietly(source: Path | str, out: Path, **options: object) -> Path:
@@ -121,3 +121,15 @@ def inference(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceStub:
 def models(channel: grpc.aio.Channel) -> models_pb2_grpc.ModelsStub:
     """sidecar.v1.Models stub."""
     return models_pb2_grpc.ModelsStub(channel)
+
+
+@pytest.fixture(scope="session")
+def gpt2_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 checkpoint with a trained byte-level BPE and a chat template."""
+    return build_gpt2(tmp_path_factory.mktemp("ckpt") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def bart_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BART checkpoint (encoder-decoder, summarization-shaped)."""
+    return build_bart(tmp_path_factory.mktemp("ckpt") / "bart")

@@ -17,7 +17,8 @@ from sidecar.errors import ChecksumMismatchError, ModelLoadError
 MANIFEST = "manifest.json"
 # Bumped only when a reader of the old format would misread the new one.
 # 2: `quantization` may be an object (mode, settings, quality) instead of a string.
-FORMAT_VERSION = 2
+# 3: generation tasks, torch `weights`, and dirs without an ONNX graph (`onnx_file` empty).
+FORMAT_VERSION = 3
 _CHUNK = 1 << 20
 
 
@@ -26,6 +27,15 @@ class Task(StrEnum):
 
     EMBED = "feature-extraction"
     CLASSIFY = "text-classification"
+    # Decoder-only language models (GPT-2, Llama, ...): Generate.
+    GENERATE = "text-generation"
+    # Encoder-decoder models (BART, T5, ...): Generate, typically summarization.
+    SEQ2SEQ = "text2text-generation"
+
+    @property
+    def generative(self) -> bool:
+        """Whether the task is served by Generate (token by token) rather than one pass."""
+        return self in (Task.GENERATE, Task.SEQ2SEQ)
 
 
 @dataclass(frozen=True)
@@ -46,11 +56,62 @@ class Validation:
 
 
 @dataclass(frozen=True)
+class GenerationDefaults:
+    """The checkpoint's generation_config.json, as far as the sidecar honours it."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    # Seq2seq only: the first token the decoder is fed.
+    decoder_start_token_id: int | None = None
+    # Token forced as the first generated one (some BART checkpoints), and as the last one
+    # when max_new_tokens is reached.
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    # No n-gram of this size is generated twice; 0 = off.
+    no_repeat_ngram_size: int = 0
+    # EOS is suppressed until this many tokens were generated.
+    min_new_tokens: int = 0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerationDefaults:
+        """Parse the manifest's `generation` object (written by export from generation_config)."""
+        return cls(
+            max_new_tokens=int(data.get("max_new_tokens") or 256),
+            do_sample=bool(data.get("do_sample", False)),
+            temperature=float(data.get("temperature", 1.0)),
+            top_k=int(data.get("top_k") or 0),
+            top_p=float(data.get("top_p", 1.0)),
+            repetition_penalty=float(data.get("repetition_penalty", 1.0)),
+            eos_token_ids=tuple(int(i) for i in data.get("eos_token_ids") or ()),
+            pad_token_id=_optional_int(data.get("pad_token_id")),
+            bos_token_id=_optional_int(data.get("bos_token_id")),
+            decoder_start_token_id=_optional_int(data.get("decoder_start_token_id")),
+            forced_bos_token_id=_optional_int(data.get("forced_bos_token_id")),
+            forced_eos_token_id=_optional_int(data.get("forced_eos_token_id")),
+            no_repeat_ngram_size=int(data.get("no_repeat_ngram_size") or 0),
+            min_new_tokens=int(data.get("min_new_tokens") or 0),
+        )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed manifest of one model dir."""
 
     name: str
     task: Task
+    # The ONNX graph served: model.onnx, or for seq2seq the merged decoder. "" when the dir
+    # holds PyTorch weights only (an architecture optimum cannot export).
     onnx_file: str
     files: dict[str, str]  # relative path -> sha256 hex
     max_length: int
@@ -67,13 +128,28 @@ class Manifest:
     exported_by: dict[str, str] = field(default_factory=dict)
     validation: Validation | None = None
     digest: str = ""  # sha256 of manifest.json itself
+    # Seq2seq only: the encoder graph (encoder_model.onnx).
+    onnx_encoder_file: str = ""
+    # safetensors files the torch backend loads; () when the dir is ONNX only.
+    weights: tuple[str, ...] = ()
+    # Generation tasks only.
+    generation: GenerationDefaults | None = None
+    # Generation tasks: the chat template file in the dir (chat_template.jinja), "" if none.
+    chat_template: str = ""
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Backends this dir can be served on, preferred first."""
+        return (("onnx",) if self.onnx_file else ()) + (("torch",) if self.weights else ())
 
 
-def format_version(quantization: str | dict[str, Any]) -> int:
-    """The oldest format that holds this manifest's quantization entry."""
-    # So sidecars that predate quantized exports still read fp32 dirs, and refuse quantized
-    # ones with "upgrade the sidecar" instead of misreading them.
-    return 1 if isinstance(quantization, str) else FORMAT_VERSION
+def format_version(manifest: dict[str, Any]) -> int:
+    """The oldest format that holds a manifest (as written): older sidecars still read it."""
+    # So sidecars that predate a feature still read dirs that do not use it, and refuse the
+    # ones that do with "upgrade the sidecar" instead of misreading them.
+    if Task(manifest["task"]).generative or manifest.get("weights") or not manifest["onnx_file"]:
+        return 3
+    return 1 if isinstance(manifest.get("quantization") or "none", str) else 2
 
 
 def _quantization(entry: Any) -> tuple[str, dict[str, Any]]:
@@ -145,7 +221,7 @@ def _parse(model_dir: Path) -> Manifest:
     return Manifest(
         name=_require(data, "name", path),
         task=task,
-        onnx_file=_require(data, "onnx_file", path),
+        onnx_file=str(_require(data, "onnx_file", path) or ""),
         files={rel: entry["sha256"] for rel, entry in _require(data, "files", path).items()},
         max_length=int(_require(data, "max_length", path)),
         source=source.get("hub_id") or source.get("path") or "",
@@ -168,6 +244,12 @@ def _parse(model_dir: Path) -> Manifest:
             else None
         ),
         digest="sha256:" + hashlib.sha256(raw).hexdigest(),
+        onnx_encoder_file=str(data.get("onnx_encoder_file") or ""),
+        weights=tuple(data.get("weights") or ()),
+        generation=(
+            GenerationDefaults.from_json(data["generation"]) if data.get("generation") else None
+        ),
+        chat_template=str(data.get("chat_template") or ""),
     )
 
 

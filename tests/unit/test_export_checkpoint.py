@@ -188,6 +188,11 @@ def test_manifest_reads_both_quantization_forms(tmp_path: Path) -> None:
     assert quantized.quantization == "int8-dynamic"
     assert quantized.quantization_quality == {"cosine_min": 0.995, "sentences": 24}
     assert read_manifest(write_manifest(tmp_path / "old", None)).quantization == "none"
-    assert (format_version("none"), format_version(entry)) == (1, 2)
+    embed = {"task": "feature-extraction", "onnx_file": "model.onnx"}
+    assert format_version({**embed, "quantization": "none"}) == 1
+    assert format_version({**embed, "quantization": entry}) == 2
+    assert format_version({**embed, "weights": ["model.safetensors"]}) == 3
+    assert format_version({**embed, "onnx_file": ""}) == 3
+    assert format_version({"task": "text-generation", "onnx_file": "model.onnx"}) == 3
     with pytest.raises(ModelLoadError, match=r"malformed \(KeyError: 'mode'\)"):
         read_manifest(write_manifest(tmp_path / "bad", {"quality": {}}))
