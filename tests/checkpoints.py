@@ -130,7 +130,7 @@ def build_gpt2(out: Path, seed: int = 0) -> Path:
 
 
 def build_bart(out: Path, seed: int = 0) -> Path:
-    """A 2+2-layer, 32-wide BartForConditionalGeneration (summarization-shaped) with a trained BPE."""
+    """A 2+2-layer, 32-wide BartForConditionalGeneration with a trained byte-level BPE."""
     import torch
     from tokenizers import Tokenizer, processors
     from transformers import BartConfig, BartForConditionalGeneration
