@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
-	$(PIP) install --quiet -c constraints.txt -e ".[export,dev,bench]"
+	$(PIP) install --quiet -c constraints.txt -e ".[export,torch,dev,bench]"
 	@touch $@
 
 install: $(STAMP)  ## create .venv and install the pinned packages

@@ -1,4 +1,5 @@
-"""What a checkpoint is: its task, labels, pooling and max length, read from its config files."""
+"""What a checkpoint is: its task, labels, pooling, max length and generation defaults, read
+from its config files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export import generation
 from sidecar.errors import ExportError
 from sidecar.models.manifest import Pooling, Task
 from sidecar.tasks.embed import POOLING_MODES
@@ -21,6 +23,10 @@ _POOLING_FLAGS = {
 }
 # Tokenizers without a real limit report a huge sentinel as model_max_length.
 _NO_LIMIT = 1_000_000
+# Where configs keep the number of learned positions, by model family.
+_POSITIONS = ("max_position_embeddings", "n_positions", "n_ctx")
+# T5-style relative positions put no limit in the config; T5 was trained on 512 tokens.
+_RELATIVE_DEFAULT = 512
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,8 @@ class CheckpointInfo:
     multi_label: bool = False
     pooling: Pooling | None = None
     sentence_transformers: bool = False
+    # Generation tasks: the manifest's `generation` object.
+    generation: dict[str, Any] | None = None
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -72,9 +80,18 @@ def detect_task(path: Path) -> Task:
     """feature-extraction for sentence-transformers and bare encoders, else by architecture."""
     if _st_modules(path):
         return Task.EMBED
-    architectures = _json(path / "config.json").get("architectures") or []
+    config = _json(path / "config.json")
+    architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return Task.CLASSIFY
+    # Before the bare-encoder rule: GPT2LMHeadModel also ends in "Model".
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return Task.GENERATE
+    # MarianMTModel is the one seq2seq LM not named ...ForConditionalGeneration.
+    if config.get("is_encoder_decoder") and any(
+        a.endswith(("ForConditionalGeneration", "MTModel")) for a in architectures
+    ):
+        return Task.SEQ2SEQ
     if any(a.endswith("Model") for a in architectures):
         return Task.EMBED
     raise ExportError(
@@ -95,7 +112,7 @@ def inspect(
     if not config:
         raise ExportError(f"{path} has no config.json: it is not a transformers checkpoint")
     modules = _st_modules(path)
-    positions = config.get("max_position_embeddings")
+    positions = _positions(config)
     limit = max_length
     if limit is None and modules:
         limit = _json(path / "sentence_bert_config.json").get("max_seq_length")
@@ -105,10 +122,15 @@ def inspect(
             limit = tokenizer_limit
     if limit is None:
         limit = positions
+    if limit is None and "relative_attention_num_buckets" in config:
+        limit = _RELATIVE_DEFAULT
     if not isinstance(limit, int) or limit < 2:
         raise ExportError(f"cannot tell the max input length of {path}: pass --max-length")
-    if isinstance(positions, int) and limit > positions:
+    if positions is not None and limit > positions:
         limit = positions
+    if task.generative:
+        defaults = generation.defaults(path, config, task, limit)
+        return CheckpointInfo(task=task, max_length=limit, generation=defaults)
     if task is Task.EMBED:
         return CheckpointInfo(
             task=task,
@@ -122,3 +144,15 @@ def inspect(
     labels = tuple(id2label[k] for k in sorted(id2label, key=int))
     multi = config.get("problem_type") == "multi_label_classification"
     return CheckpointInfo(task=task, max_length=limit, labels=labels, multi_label=multi)
+
+
+def _positions(config: dict[str, Any]) -> int | None:
+    """The learned positions: the hard limit on tokens the model can see at once."""
+    if "relative_attention_num_buckets" in config:
+        # T5 configs carry an n_positions the model does not use.
+        return None
+    for key in _POSITIONS:
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

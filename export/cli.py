@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="replace an existing model dir")
     parser.add_argument(
+        "--backend",
+        choices=("auto", "onnx", "torch", "both"),
+        default="auto",
+        help="onnx: ONNX only; torch: the safetensors weights for the PyTorch backend, no ONNX; "
+        "both: ONNX plus the weights; auto: onnx, or torch when optimum cannot export the "
+        "architecture (default: auto)",
+    )
+    parser.add_argument(
         "--quantize",
         choices=quantize.CHOICES,
         default="none",
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from export.pipeline import export_model
+    from export.validate import TOKENIZER_ONLY
 
     try:
         manifest = export_model(
@@ -85,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code,
             force=args.force,
+            backend=args.backend,
             quantize=args.quantize,
             int8_min_cosine=args.int8_min_cosine,
             int8_min_agreement=args.int8_min_agreement,
@@ -93,10 +103,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidecar-export: {exc}", file=sys.stderr)
         return 1
     validation = manifest["validation"]
+    if validation.get("compared") == TOKENIZER_ONLY:
+        checked = f"tokenizer checked on {len(validation['cases'])} inputs"
+    else:
+        checked = (
+            f"max |ONNX - PyTorch| {validation['max_abs_diff']:.2e} over "
+            f"{len(validation['cases'])} cases (atol {validation['atol']:.0e})"
+        )
+    backends = " and ".join(
+        b
+        for b, present in (("onnx", manifest["onnx_file"]), ("torch", manifest["weights"]))
+        if present
+    )
     print(
-        f"exported {manifest['name']} ({manifest['task']}) to {args.out}: max |ONNX - PyTorch| "
-        f"{validation['max_abs_diff']:.2e} over {len(validation['cases'])} batches "
-        f"(atol {validation['atol']:.0e})"
+        f"exported {manifest['name']} ({manifest['task']}, served by {backends}) to {args.out}: "
+        f"{checked}"
     )
     quantization = manifest["quantization"]
     if isinstance(quantization, dict):

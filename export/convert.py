@@ -2,17 +2,61 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 from sidecar.errors import ExportError
 from sidecar.models.manifest import Task
 
+# optimum's task names; generation is exported with its KV cache as graph inputs and outputs.
+OPTIMUM_TASKS = {
+    Task.EMBED: "feature-extraction",
+    Task.CLASSIFY: "text-classification",
+    Task.GENERATE: "text-generation-with-past",
+    Task.SEQ2SEQ: "text2text-generation-with-past",
+}
+# What the sidecar serves, by task: (graph, encoder graph). optimum also writes a decoder
+# without past and one with past for seq2seq; the merged decoder does the work of both.
+SERVED = {
+    Task.EMBED: ("model.onnx", ""),
+    Task.CLASSIFY: ("model.onnx", ""),
+    Task.GENERATE: ("model.onnx", ""),
+    Task.SEQ2SEQ: ("decoder_model_merged.onnx", "encoder_model.onnx"),
+}
+_UNSERVED = ("decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+def unsupported(source: Path, task: Task) -> str | None:
+    """Why optimum cannot export this checkpoint's architecture for the task; None if it can."""
+    # Importing main_export registers optimum-onnx's per-architecture export configs.
+    from optimum.exporters.onnx import main_export  # noqa: F401
+    from optimum.exporters.tasks import TasksManager
+
+    config = json.loads((source / "config.json").read_text())
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return f"{source}/config.json names no model_type"
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(
+            model_type, "onnx", library_name="transformers"
+        )
+    except KeyError:
+        # optimum's own answer for an architecture it has no ONNX export config for.
+        return f"optimum has no ONNX export for model type {model_type!r}"
+    if OPTIMUM_TASKS[task] not in tasks:
+        return (
+            f"optimum exports model type {model_type!r} as {', '.join(tasks)}, "
+            f"not as {OPTIMUM_TASKS[task]}"
+        )
+    return None
+
 
 def to_onnx(
     source: Path, out: Path, task: Task, opset: int | None, trust_remote_code: bool
-) -> Path:
-    """Export the checkpoint's transformer to out/model.onnx (tokenizer and config beside it)."""
+) -> tuple[Path, Path | None]:
+    """Export the checkpoint into `out` (tokenizer and config beside it); return the served
+    graph and, for seq2seq, the encoder graph."""
     from optimum.exporters.onnx import main_export
     from torch.jit import TracerWarning  # type: ignore[attr-defined]  # exported, not in __all__
 
@@ -26,7 +70,7 @@ def to_onnx(
             main_export(
                 str(source),
                 output=str(out),
-                task=task.value,
+                task=OPTIMUM_TASKS[task],
                 # Pooling and normalization stay in the sidecar (numpy): export the bare model.
                 library_name="transformers",
                 opset=opset,
@@ -37,8 +81,13 @@ def to_onnx(
             )
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ExportError(f"optimum could not export {source} as {task.value}: {exc}") from exc
-    model = out / "model.onnx"
-    if not model.is_file():
+    for name in _UNSERVED:
+        # With any external-data file beside it (graphs over 2 GB).
+        for path in out.glob(f"{name}*"):
+            path.unlink()
+    graph, encoder = SERVED[task]
+    missing = [name for name in (graph, encoder) if name and not (out / name).is_file()]
+    if missing:
         written = sorted(p.name for p in out.iterdir())
-        raise ExportError(f"optimum wrote no model.onnx for {source} ({written})")
-    return model
+        raise ExportError(f"optimum wrote no {', '.join(missing)} for {source} ({written})")
+    return out / graph, (out / encoder if encoder else None)

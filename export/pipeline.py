@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from export import checkpoint, convert, quality, source, validate
+from export import checkpoint, convert, generation, quality, source, validate, weights
 from export.checkpoint import CheckpointInfo
 from export.progress import Progress
 from export.quantize import CHOICES, quantize_int8
@@ -18,6 +18,11 @@ from sidecar.models.manifest import MANIFEST, Task, format_version, sha256_file
 
 # sentence-transformers files kept beside the model for people reading the dir.
 _ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# auto: ONNX, or PyTorch when optimum cannot export the architecture; both: ONNX plus the
+# safetensors weights, so one dir can be served by either backend.
+BACKENDS = ("auto", "onnx", "torch", "both")
+# Config keys that hold the hidden size, for the dimensions of an embedder without ONNX.
+_HIDDEN = ("hidden_size", "d_model", "n_embd")
 _VERSIONS = (
     "transformers-sidecar",
     "torch",
@@ -47,7 +52,10 @@ def _opset(model: Path) -> int:
     return max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def _dimensions(model: Path) -> int:
+def _dimensions(model: Path | None, config: Path) -> int:
+    if model is None:
+        values = json.loads(config.read_text())
+        return next((values[k] for k in _HIDDEN if isinstance(values.get(k), int)), 0)
     import onnxruntime as ort
 
     shape = (
@@ -79,6 +87,33 @@ def _to_int8(
     return {**settings, "quality": {**measured, "gate": gate}}
 
 
+def _plan(
+    backend: str, src: Path, info: CheckpointInfo, int8: bool, progress: Progress
+) -> tuple[bool, bool]:
+    """Whether the dir gets an ONNX graph and whether it gets the torch backend's weights."""
+    if int8 and info.task.generative:
+        raise ExportError(
+            f"--quantize int8 covers embedding and classification models only, not "
+            f"{info.task.value}: export without --quantize"
+        )
+    onnx, torch = backend != "torch", backend in ("torch", "both")
+    if onnx:
+        reason = convert.unsupported(src, info.task)
+        if reason and (backend != "auto" or int8):
+            needs = "--quantize int8 needs an ONNX model" if int8 else "pass --backend torch"
+            raise ExportError(f"cannot export {src} to ONNX: {reason}; {needs}")
+        if reason:
+            weights.require_safetensors(src, f"{reason}, so PyTorch would serve the weights")
+            progress.note(f"{reason}: falling back to the PyTorch backend (--backend torch)")
+            return False, True
+    if torch:
+        also = "also " if onnx else ""
+        weights.require_safetensors(
+            src, f"--backend {backend} {also}serves the weights with PyTorch"
+        )
+    return onnx, torch
+
+
 def export_model(
     name_or_path: str,
     out: Path,
@@ -94,6 +129,7 @@ def export_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     force: bool = False,
+    backend: str = "auto",
     quantize: str = "none",
     int8_min_cosine: float = 0.99,
     int8_min_agreement: float = 0.9,
@@ -102,6 +138,10 @@ def export_model(
     """Export a checkpoint into `out` and return its manifest; a failure leaves `out` untouched."""
     if quantize not in CHOICES:
         raise ExportError(f"--quantize {quantize!r} is not one of {', '.join(CHOICES)}")
+    if backend not in BACKENDS:
+        raise ExportError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if quantize == "int8" and backend == "torch":
+        raise ExportError("--quantize int8 quantizes the ONNX model; --backend torch has none")
     _check_bar("--int8-min-cosine", int8_min_cosine)
     _check_bar("--int8-min-agreement", int8_min_agreement)
     int8 = quantize == "int8"
@@ -116,15 +156,29 @@ def export_model(
             src = source.resolve(name_or_path, revision, allow_pickle, trust_remote_code)
             chosen = task or checkpoint.detect_task(src.path)
             info = checkpoint.inspect(src.path, chosen, max_length, pooling, normalize)
-        with progress.step(f"exporting {chosen.value} to ONNX with optimum"):
-            model = convert.to_onnx(src.path, staging, chosen, opset, trust_remote_code)
+            onnx, torch = _plan(backend, src.path, info, int8, progress)
+        model: Path | None = None
+        encoder: Path | None = None
+        with progress.step(_convert_step(chosen, onnx, torch)):
+            if onnx:
+                model, encoder = convert.to_onnx(
+                    src.path, staging, chosen, opset, trust_remote_code
+                )
+            else:
+                weights.copy_model_files(src.path, staging, trust_remote_code)
+            weight_files = weights.copy_weights(src.path, staging) if torch else []
             for extra in _ST_FILES:
                 if (src.path / extra).is_file():
                     shutil.copy2(src.path / extra, staging / extra)
-        with progress.step(f"validating against PyTorch (atol {atol:.0e})"):
-            validation = validate.validate(src.path, staging, info, atol, trust_remote_code)
+            chat_template = generation.write_chat_template(staging) if chosen.generative else ""
+        checking = (
+            f"validating against PyTorch (atol {atol:.0e})" if onnx else "checking the tokenizer"
+        )
+        with progress.step(checking):
+            validation = validate.validate(src.path, staging, info, atol, trust_remote_code, onnx)
         quantization: str | dict[str, Any] = "none"
         if int8:
+            assert model is not None  # _plan refuses int8 without ONNX
             with progress.step("quantizing to int8 (dynamic) and comparing it with fp32"):
                 quantization = _to_int8(staging, model, info, int8_min_cosine, int8_min_agreement)
         with progress.step("writing manifest with checksums"):
@@ -135,8 +189,10 @@ def export_model(
                 "source": src.manifest_entry(),
                 "exported_by": _versions(),
                 "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "onnx_file": model.name,
-                "opset": _opset(model),
+                "onnx_file": model.name if model else "",
+                "onnx_encoder_file": encoder.name if encoder else "",
+                "weights": weight_files,
+                "opset": _opset(model) if model else 0,
                 "quantization": quantization,
                 "max_length": info.max_length,
                 "labels": list(info.labels),
@@ -146,7 +202,11 @@ def export_model(
                     if info.pooling
                     else None
                 ),
-                "dimensions": _dimensions(model) if chosen is Task.EMBED else 0,
+                "dimensions": (
+                    _dimensions(model, staging / "config.json") if chosen is Task.EMBED else 0
+                ),
+                "generation": info.generation,
+                "chat_template": chat_template,
                 "validation": validation,
                 "files": {
                     str(p.relative_to(staging)): {
@@ -171,3 +231,10 @@ def export_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _convert_step(task: Task, onnx: bool, torch: bool) -> str:
+    if not onnx:
+        return "copying safetensors weights, config and tokenizer for the PyTorch backend"
+    also = " and copying the safetensors weights" if torch else ""
+    return f"exporting {task.value} to ONNX with optimum{also}"

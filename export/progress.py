@@ -17,6 +17,10 @@ class Progress:
         self.done = 0
         self.stream = stream or sys.stderr
 
+    def note(self, message: str) -> None:
+        """A line inside the current step: a decision the user should know about."""
+        print(f"[{self.done}/{self.total}] {message}", file=self.stream, flush=True)
+
     @contextmanager
     def step(self, what: str) -> Iterator[None]:
         """Announce a step, time it, and report how it ended."""

@@ -7,8 +7,17 @@ from pathlib import Path
 
 from sidecar.errors import ExportError
 
-# Enough to rebuild the model and its tokenizer; never pickles unless asked for.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "tokenizer*"]
+# Enough to rebuild the model, its tokenizer and chat templates; never pickles unless asked for.
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "1_Pooling/*",
+    "additional_chat_templates/*",
+    "tokenizer*",
+]
 
 
 @dataclass(frozen=True)

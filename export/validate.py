@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from export import validate_generation
 from export.checkpoint import CheckpointInfo
 from sidecar.errors import ValidationError
 from sidecar.models.manifest import Task
@@ -15,6 +16,9 @@ from sidecar.runtime.onnx import OnnxBackend
 from sidecar.tasks import embed
 from sidecar.tasks.tokenization import TextEncoder
 
+# What `validation` in the manifest compared.
+ONNX_VS_PYTORCH = "onnx-vs-pytorch"
+TOKENIZER_ONLY = "tokenizer-only"
 SHORT = "Refund not received after 14 days."
 MIXED = [
     "My invoice is wrong.",
@@ -44,6 +48,54 @@ def _torch_outputs(
 
 
 def validate(
+    source: Path,
+    exported: Path,
+    info: CheckpointInfo,
+    atol: float,
+    trust_remote_code: bool,
+    onnx: bool = True,
+) -> dict[str, Any]:
+    """Check the exported dir against the checkpoint; raise ValidationError on a difference."""
+    if not onnx:
+        return tokenizer_only(source, exported, info, atol, trust_remote_code)
+    if info.task.generative:
+        return {
+            "compared": ONNX_VS_PYTORCH,
+            **validate_generation.validate(source, exported, info, atol, trust_remote_code),
+        }
+    return {
+        "compared": ONNX_VS_PYTORCH,
+        **_encoder(source, exported, info, atol, trust_remote_code),
+    }
+
+
+def tokenizer_only(
+    source: Path, exported: Path, info: CheckpointInfo, atol: float, trust_remote_code: bool
+) -> dict[str, Any]:
+    """For a dir without ONNX: the torch backend runs the checkpoint's own weights, so only
+    the sidecar's tokenizer can differ from the checkpoint's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if info.task.generative:
+        limit, texts = (
+            validate_generation.prompt_limit(info),
+            validate_generation.prompts(info.max_length),
+        )
+    else:
+        limit, texts = info.max_length, [text for batch in cases(info.max_length) for text in batch]
+    encoder = TextEncoder(exported, limit)
+    lengths = [len(validate_generation.checked_ids(encoder, tokenizer, t, limit)) for t in texts]
+    return {
+        "compared": TOKENIZER_ONLY,
+        # Nothing numeric was compared: the weights served are the checkpoint's own.
+        "atol": atol,
+        "max_abs_diff": 0.0,
+        "cases": [{"batch": 1, "seq_len": n, "tokenizer": "same ids"} for n in lengths],
+    }
+
+
+def _encoder(
     source: Path, exported: Path, info: CheckpointInfo, atol: float, trust_remote_code: bool
 ) -> dict[str, Any]:
     """Compare outputs case by case; raise ValidationError above atol or on a tokenizer mismatch."""

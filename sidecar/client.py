@@ -50,6 +50,25 @@ def _tokenize(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) 
     )
 
 
+def _generate(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
+    """Print the text as it streams in; return the last message (usage, metadata)."""
+    request = pb.GenerateRequest(
+        model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens
+    )
+    if args.temperature is not None:
+        request.temperature = args.temperature
+    if args.seed is not None:
+        request.seed = args.seed
+    request.stop.extend(args.stop)
+    last = pb.GenerateResponse()
+    for last in stub.Generate(request, timeout=args.timeout):
+        print(last.text, end="", flush=True)
+    print()
+    last.ClearField("text")
+    last.ClearField("token_ids")
+    return last
+
+
 def _call(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.address) as channel:
         try:
@@ -67,7 +86,12 @@ def _call(args: argparse.Namespace) -> int:
                     )
                 )
             else:
-                calls = {"embed": _embed, "classify": _classify, "tokenize": _tokenize}
+                calls = {
+                    "embed": _embed,
+                    "classify": _classify,
+                    "tokenize": _tokenize,
+                    "generate": _generate,
+                }
                 _print(calls[args.call](inference_pb2_grpc.InferenceStub(channel), args))
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -91,6 +115,12 @@ def add_parser(commands: Any) -> None:
     classify.add_argument("--top-k", type=int, default=0, help="best k labels (0: all)")
     tokenize = calls.add_parser("tokenize", help="tokenize texts")
     tokenize.add_argument("texts", nargs="+")
+    generate = calls.add_parser("generate", help="generate text, printed as it streams")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=0, help="0: the model's default")
+    generate.add_argument("--temperature", type=float, help="0 = greedy (default: the model's)")
+    generate.add_argument("--seed", type=int, help="seed for sampling")
+    generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
     calls.add_parser("models", help="list the served models")
     health = calls.add_parser("health", help="check grpc.health.v1")
     health.add_argument("--service", default="", help="service name ('' = overall)")

@@ -17,6 +17,8 @@ from sidecar.errors import ConfigError
 
 ENV_PREFIX = "SIDECAR_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BACKENDS = ("auto", "onnx", "torch")
+TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class ModelSettings:
     device: str | None = None
     # ONNX Runtime intra-op threads; None takes Settings.intra_op_threads.
     intra_op_threads: int | None = None
+    # "auto", "onnx" or "torch"; None takes Settings.backend.
+    backend: str | None = None
+    # Torch backend weights: "auto", "float32", "float16", "bfloat16"; None takes Settings'.
+    torch_dtype: str | None = None
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -57,6 +63,14 @@ class Settings:
     )
     grace_period_s: float = _setting(10.0, "seconds in-flight calls get to finish after SIGTERM")
     device: str = _setting("cpu", "default device: cpu, cuda or cuda:<index>")
+    backend: str = _setting(
+        "auto",
+        "default backend: auto (ONNX when the model dir has a graph, else PyTorch), onnx, torch",
+    )
+    torch_dtype: str = _setting(
+        "auto",
+        "torch backend weights: auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16",
+    )
     intra_op_threads: int = _setting(0, "ONNX Runtime threads per operator; 0 = one per core")
     inference_workers: int = _setting(
         1, "threads running forward passes, shared by all models (one pass each at a time)"
@@ -76,6 +90,12 @@ class Settings:
     max_concurrent_requests: int = _setting(
         512, "calls and Stream items in progress at once; past it RESOURCE_EXHAUSTED at once"
     )
+    max_concurrent_generations: int = _setting(
+        8, "Generate calls and items in progress at once; past it RESOURCE_EXHAUSTED at once"
+    )
+    max_decode_batch_size: int = _setting(
+        8, "generations of one model that share a decode step; 1 = one at a time"
+    )
     verify_checksums: bool = _setting(
         True, "check every model file's sha256 against the manifest at load"
     )
@@ -84,6 +104,14 @@ class Settings:
     def model_device(self, model: ModelSettings) -> str:
         """The device a model runs on."""
         return model.device or self.device
+
+    def model_backend(self, model: ModelSettings) -> str:
+        """The backend a model asks for (auto, onnx or torch)."""
+        return model.backend or self.backend
+
+    def model_dtype(self, model: ModelSettings) -> str:
+        """The torch dtype setting of a model."""
+        return model.torch_dtype or self.torch_dtype
 
     def model_threads(self, model: ModelSettings) -> int:
         """The ONNX Runtime intra-op thread count of a model."""
@@ -172,6 +200,8 @@ def _validate(settings: Settings) -> Settings:
         "max_batch_size",
         "max_queue_size",
         "max_concurrent_requests",
+        "max_concurrent_generations",
+        "max_decode_batch_size",
     )
     for name in positive:
         if getattr(settings, name) < 1:
@@ -190,6 +220,16 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError(f"log_level {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     for model in settings.models:
         parse_device(settings.model_device(model))
+        if settings.model_backend(model) not in BACKENDS:
+            raise ConfigError(
+                f"backend {settings.model_backend(model)!r} of model {model.path} is not one of "
+                f"{', '.join(BACKENDS)}"
+            )
+        if settings.model_dtype(model) not in TORCH_DTYPES:
+            raise ConfigError(
+                f"torch_dtype {settings.model_dtype(model)!r} of model {model.path} is not one "
+                f"of {', '.join(TORCH_DTYPES)}"
+            )
         if settings.model_threads(model) < 0:
             raise ConfigError(f"intra_op_threads of model {model.path} must not be negative")
     if not settings.models:

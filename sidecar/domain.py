@@ -45,6 +45,49 @@ class TokenizeRequest:
     truncate: bool = False
 
 
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Generate from `prompt` or chat `messages`; None means the model's default."""
+
+    model: str
+    prompt: str = ""
+    messages: Sequence[ChatMessage] = ()
+    max_new_tokens: int = 0  # 0: the model's default
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    truncate: bool = True  # cut an over-long prompt (see Prompt) instead of refusing it
+
+
+class FinishReason(Enum):
+    """Why a generation ended."""
+
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a generation."""
+
+    prompt_tokens: int  # tokens the model saw, after truncation
+    completion_tokens: int
+    truncated_prompt_tokens: int = 0  # tokens cut from the prompt to fit the context
+
+
 @dataclass
 class CallInfo:
     """Which model ran a call and where its time went (microseconds)."""
@@ -152,3 +195,14 @@ class ModelStatus:
     manifest: Manifest | None = None
     error: str = ""
     task: Task | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One decode step's output; the last one carries finish, usage and info."""
+
+    text: str
+    token_ids: list[int]
+    finish: FinishReason | None = None
+    usage: Usage | None = None
+    info: CallInfo | None = None

@@ -90,34 +90,43 @@ def train_bpe_tokenizer(out: Path, specials: list[str], vocab_size: int = 400) -
     return {s: int(tokenizer.token_to_id(s)) for s in specials}
 
 
-def _fast_tokenizer(out: Path, **specials: str) -> object:
+def _fast_tokenizer(out: Path, model_max_length: int = 128, **specials: str) -> object:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     raw = out / "raw-tokenizer.json"
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_file(str(raw)), model_max_length=128, **specials
+        tokenizer_object=Tokenizer.from_file(str(raw)),
+        model_max_length=model_max_length,
+        **specials,
     )
     raw.unlink()
     return tokenizer
 
 
-def build_gpt2(out: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide GPT2LMHeadModel with a trained byte-level BPE and a chat template."""
+def build_gpt2(
+    out: Path, seed: int = 0, context: int = 128, width: int = 32, layers: int = 2
+) -> Path:
+    """A small random GPT2LMHeadModel (2 layers, 32 wide by default) with a trained
+    byte-level BPE and a chat template."""
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     ids = train_bpe_tokenizer(out, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     eos = "<|endoftext|>"
-    tokenizer = _fast_tokenizer(out, eos_token=eos, bos_token=eos, unk_token=eos)
+    tokenizer = _fast_tokenizer(
+        out, eos_token=eos, bos_token=eos, unk_token=eos, model_max_length=context
+    )
     tokenizer.chat_template = CHAT_TEMPLATE  # type: ignore[attr-defined]
     tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
     config = GPT2Config(
         vocab_size=len(tokenizer),  # type: ignore[arg-type]
-        n_positions=128,
-        n_embd=32,
-        n_layer=2,
+        n_positions=context,
+        n_embd=width,
+        n_layer=layers,
         n_head=2,
+        # Wider than the default init, so greedy decoding varies instead of repeating a token.
+        initializer_range=0.2,
         bos_token_id=ids[eos],
         eos_token_id=ids[eos],
     )
@@ -157,6 +166,7 @@ def build_bart(out: Path, seed: int = 0) -> Path:
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
         max_position_embeddings=128,
+        init_std=0.2,
         pad_token_id=ids["<pad>"],
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],
@@ -165,4 +175,30 @@ def build_bart(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     BartForConditionalGeneration(config).eval().save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_starcoder2(out: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide Starcoder2ForCausalLM: an architecture optimum-onnx 0.1.0 has no
+    ONNX export for, so it is served by the PyTorch backend."""
+    import torch
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    eos = "<|endoftext|>"
+    ids = train_bpe_tokenizer(out, [eos])
+    tokenizer = _fast_tokenizer(out, eos_token=eos, bos_token=eos, unk_token=eos)
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    config = Starcoder2Config(
+        vocab_size=len(tokenizer),  # type: ignore[arg-type]
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=ids[eos],
+        eos_token_id=ids[eos],
+    )
+    torch.manual_seed(seed)
+    Starcoder2ForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
     return out

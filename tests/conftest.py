@@ -133,3 +133,15 @@ def gpt2_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bart_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BART checkpoint (encoder-decoder, summarization-shaped)."""
     return build_bart(tmp_path_factory.mktemp("ckpt") / "bart")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(gpt2_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 exported with --backend both: ONNX graph and safetensors weights."""
+    return export_quietly(gpt2_source, tmp_path_factory.mktemp("models") / "gpt2", backend="both")
+
+
+@pytest.fixture(scope="session")
+def bart_dir(bart_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BART exported with --backend both: encoder, merged decoder and weights."""
+    return export_quietly(bart_source, tmp_path_factory.mktemp("models") / "bart", backend="both")

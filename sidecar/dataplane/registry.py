@@ -19,9 +19,9 @@ from sidecar.errors import (
     SidecarError,
     WrongTaskError,
 )
-from sidecar.models.loader import load_model
+from sidecar.models.loader import choose_backend, load_model
 from sidecar.models.manifest import Manifest, Task, read_manifest
-from sidecar.models.served import ServedModel
+from sidecar.models.served import LoadedModel
 from sidecar.runtime.devices import canonical_device
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ OnState = Callable[[str, ModelState], Awaitable[None]]
 class _Entry:
     settings: ModelSettings
     status: ModelStatus
-    model: ServedModel | None = None
+    model: LoadedModel | None = None
 
 
 def _name_and_manifest(model: ModelSettings) -> tuple[str, Manifest | None, str]:
@@ -53,6 +53,12 @@ class ModelRegistry:
         self._entries: dict[str, _Entry] = {}
         for model in settings.models:
             name, manifest, error = _name_and_manifest(model)
+            backend = settings.model_backend(model)
+            if manifest is not None:
+                try:
+                    backend = choose_backend(backend, manifest, model.path)
+                except ModelLoadError as exc:
+                    error = str(exc)
             if name in self._entries:
                 raise ConfigError(
                     f"two models are named {name!r}: give one another name (name=path)"
@@ -60,7 +66,7 @@ class ModelRegistry:
             status = ModelStatus(
                 name=name,
                 state=ModelState.FAILED if error else ModelState.LOADING,
-                backend="onnx",
+                backend=backend,
                 device=canonical_device(settings.model_device(model)),
                 manifest=manifest,
                 error=error,
@@ -104,6 +110,8 @@ class ModelRegistry:
                 entry.status.device,
                 self._settings.model_threads(entry.settings),
                 self._settings.verify_checksums,
+                entry.status.backend,
+                self._settings.model_dtype(entry.settings),
             )
         except SidecarError as exc:
             log.error("model %s refused: %s", entry.status.name, exc)
@@ -133,16 +141,17 @@ class ModelRegistry:
             )
         return entry
 
-    def resolve(self, name: str, task: Task | None = None, rpc: str = "") -> ServedModel:
-        """The serving model for a call, checked against the task the call needs."""
+    def resolve(self, name: str, tasks: Task | tuple[Task, ...] = (), rpc: str = "") -> LoadedModel:
+        """The serving model for a call, checked against the task(s) the call needs."""
         entry = self._entry(name)
         status = entry.status
-        if task is not None and status.task is not None and status.task is not task:
-            able = [e.status.name for e in self._entries.values() if e.status.task is task]
+        wanted = (tasks,) if isinstance(tasks, Task) else tasks
+        if wanted and status.task is not None and status.task not in wanted:
+            able = [e.status.name for e in self._entries.values() if e.status.task in wanted]
             hint = f"models that do: {', '.join(able)}" if able else "no served model does"
             raise WrongTaskError(
                 f"model {status.name!r} does {status.task.value}, but {rpc} needs a "
-                f"{task.value} model; {hint}"
+                f"{' or '.join(t.value for t in wanted)} model; {hint}"
             )
         if status.state is ModelState.LOADING:
             raise ModelNotReadyError(f"model {status.name!r} is still loading; retry shortly")

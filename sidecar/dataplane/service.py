@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from sidecar.batching.batcher import Batcher, BatchLimits, JobOutput
 from sidecar.config import Settings
 from sidecar.dataplane.admission import Admission
+from sidecar.dataplane.generation import Generation, Generations
 from sidecar.dataplane.registry import ModelRegistry
 from sidecar.dataplane.validation import check_inputs, check_non_negative
 from sidecar.domain import (
@@ -19,10 +20,12 @@ from sidecar.domain import (
     ClassifyResult,
     EmbedRequest,
     EmbedResult,
+    GenerateRequest,
     TokenizeRequest,
     TokenizeResult,
 )
 from sidecar.errors import DeadlineExceededError, OverloadedError
+from sidecar.models.generative import GenerativeModel
 from sidecar.models.manifest import Task
 from sidecar.models.served import ServedModel
 from sidecar.tasks.tokenization import EncodedText
@@ -58,6 +61,7 @@ class DataPlane:
         # One count of free inference threads for every model's batcher: they share the pool.
         self._slots = asyncio.Semaphore(settings.inference_workers)
         self._requests = 0
+        self.generations = Generations(settings, model_pool, prepare_pool, self._slots)
 
     def batcher(self, model: ServedModel) -> Batcher[EncodedText]:
         """The model's batcher, made on first use."""
@@ -107,6 +111,7 @@ class DataPlane:
         """Embeddings for a batch of texts."""
         check_inputs(request.inputs, self.settings.max_client_batch_size)
         model = self.registry.resolve(request.model, Task.EMBED, "Embed")
+        assert isinstance(model, ServedModel)  # the registry checked the task
         job, info = await self._batched(model, request.inputs, request.truncate, deadline)
         return model.embed_result(job.rows, job.inputs, request.normalize, info)
 
@@ -117,6 +122,7 @@ class DataPlane:
         check_inputs(request.inputs, self.settings.max_client_batch_size)
         check_non_negative("top_k", request.top_k)
         model = self.registry.resolve(request.model, Task.CLASSIFY, "Classify")
+        assert isinstance(model, ServedModel)
         job, info = await self._batched(model, request.inputs, request.truncate, deadline)
         return model.classify_result(job.rows, job.inputs, request.top_k, info)
 
@@ -143,6 +149,14 @@ class DataPlane:
                     "the call's deadline passed while tokenizing; allow a longer deadline"
                 ) from None
 
+    def generate(self, request: GenerateRequest, deadline: float | None = None) -> Generation:
+        """A generation to iterate; bad parameters and a wrong model are refused here."""
+        model = self.registry.resolve(request.model, (Task.GENERATE, Task.SEQ2SEQ), "Generate")
+        assert isinstance(model, GenerativeModel)
+        return self.generations.start(model, request, deadline)
+
     async def close(self) -> None:
-        """Stop every batcher; calls still queued are refused."""
-        await asyncio.gather(*(b.close() for b in self._batchers.values()))
+        """Stop every batcher and decode scheduler; calls still queued are refused."""
+        await asyncio.gather(
+            *(b.close() for b in self._batchers.values()), self.generations.close()
+        )

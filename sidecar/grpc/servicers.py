@@ -68,13 +68,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Not available yet."""
         raise _not_yet("Rerank", "a cross-encoder model export")
 
-    # grpc.aio accepts a coroutine for a server-streaming method that writes nothing.
-    @translates_errors
-    async def Generate(  # type: ignore[override]
+    async def Generate(
         self, request: pb.GenerateRequest, context: Context
-    ) -> None:
-        """Not available yet."""
-        raise _not_yet("Generate", "a text-generation model export")
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Tokens as they are generated; the last message says why generation ended."""
+        try:
+            async with self.admission.call():
+                generation = self._dataplane.generate(
+                    to_domain.generate(request), to_domain.deadline(context)
+                )
+                # aclosing: a departed caller stops decoding now, not at garbage collection.
+                async with contextlib.aclosing(generation.chunks()) as chunks:
+                    async for chunk in chunks:
+                        yield to_proto.generate(chunk)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc)
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context

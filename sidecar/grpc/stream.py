@@ -9,11 +9,16 @@ drain loop yields answers as they complete. A cancel is read even while every sl
 busy (the backlog has room), and stops its item whether it is running or still waiting.
 A failed item answers with `error` and the stream goes on; an id already in flight is a
 broken stream (two answers would share one id) and ends it with INVALID_ARGUMENT.
+
+A generate item answers once per decode step. Each step's answer is written before the
+item's next one is queued, so a slow reader holds back decoding instead of filling memory;
+a cancel for it ends it with a last answer whose finish reason is CANCELLED.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +37,8 @@ _EOF = object()
 class _Answer:
     response: pb.StreamResponse
     holds_slot: bool
+    # Set once the answer is handed to gRPC (generate steps wait for it).
+    written: asyncio.Future[None] | None = None
 
 
 def _cancelled(item_id: str) -> CancelledError:
@@ -78,6 +85,7 @@ class _StreamCall:
         self.backlog: dict[str, tuple[pb.StreamRequest, str]] = {}
         self.start_order: asyncio.Queue[Any] = asyncio.Queue()
         self.running: dict[str, asyncio.Task[pb.StreamResponse]] = {}
+        self.stopping: set[str] = set()  # generate items a cancel asked to end
 
     def error(self, item_id: str, exc: BaseException, holds_slot: bool) -> None:
         self.out.put_nowait(
@@ -101,8 +109,31 @@ class _StreamCall:
             else:
                 self.out.put_nowait(_Answer(task.result(), True))
 
+    async def generate(self, request: pb.StreamRequest) -> pb.StreamResponse:
+        """Run a generate item: each step's answer goes out as it comes; returns the last."""
+        item_id = request.id
+        generation = self.dataplane.generate(to_domain.generate(request.generate), self.deadline)
+        try:
+            async with contextlib.aclosing(generation.chunks()) as chunks:
+                async for chunk in chunks:
+                    response = pb.StreamResponse(id=item_id, generate=to_proto.generate(chunk))
+                    if chunk.finish is not None:
+                        return response
+                    written = asyncio.get_running_loop().create_future()
+                    self.out.put_nowait(_Answer(response, False, written))
+                    await written
+        except asyncio.CancelledError:
+            if item_id not in self.stopping:
+                raise  # the stream itself is ending
+            last = to_proto.generate(generation.cancelled())
+            return pb.StreamResponse(id=item_id, generate=last)
+        finally:
+            self.stopping.discard(item_id)
+        raise AssertionError("a generation ended without a last chunk")  # pragma: no cover
+
     def cancel(self, item_id: str) -> None:
         if (task := self.running.get(item_id)) is not None:
+            self.stopping.add(item_id)
             task.cancel()
         elif self.backlog.pop(item_id, None) is not None:
             self.room.release()
@@ -158,7 +189,11 @@ class _StreamCall:
                 continue
             self.room.release()
             request, kind = entry
-            task = asyncio.create_task(_dispatch(self.dataplane, request, kind, self.deadline))
+            task = asyncio.create_task(
+                self.generate(request)
+                if kind == "generate"
+                else _dispatch(self.dataplane, request, kind, self.deadline)
+            )
             self.running[item_id] = task
             task.add_done_callback(functools.partial(self.finish, item_id))
 
@@ -174,6 +209,8 @@ class _StreamCall:
                     raise item
                 else:
                     yield item.response
+                    if item.written is not None and not item.written.done():
+                        item.written.set_result(None)
                     if item.holds_slot:
                         self.slots.release()
         finally:

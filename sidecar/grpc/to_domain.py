@@ -7,7 +7,13 @@ from typing import Any
 
 import grpc
 
-from sidecar.domain import ClassifyRequest, EmbedRequest, TokenizeRequest
+from sidecar.domain import (
+    ChatMessage,
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from sidecar.v1 import inference_pb2 as pb
 
 
@@ -46,4 +52,25 @@ def tokenize(request: pb.TokenizeRequest) -> TokenizeRequest:
             request.add_special_tokens if request.HasField("add_special_tokens") else True
         ),
         truncate=request.truncate if request.HasField("truncate") else False,
+    )
+
+
+def generate(request: pb.GenerateRequest) -> GenerateRequest:
+    """GenerateRequest; unset optional parameters stay None (the model's defaults)."""
+
+    def optional(name: str) -> Any:
+        return getattr(request, name) if request.HasField(name) else None  # type: ignore[arg-type]
+
+    return GenerateRequest(
+        model=request.model,
+        prompt=request.prompt,
+        messages=[ChatMessage(m.role, m.content) for m in request.messages],
+        max_new_tokens=request.max_new_tokens,
+        temperature=optional("temperature"),
+        top_k=optional("top_k"),
+        top_p=optional("top_p"),
+        repetition_penalty=optional("repetition_penalty"),
+        stop=list(request.stop),
+        seed=optional("seed"),
+        truncate=request.truncate if request.HasField("truncate") else True,
     )

@@ -6,6 +6,8 @@ from sidecar.domain import (
     CallInfo,
     ClassifyResult,
     EmbedResult,
+    FinishReason,
+    GenerateChunk,
     ModelState,
     ModelStatus,
     TokenizeResult,
@@ -17,6 +19,14 @@ from sidecar.v1 import inference_pb2 as pb
 TASKS = {
     Task.EMBED: common_pb2.TASK_EMBED,
     Task.CLASSIFY: common_pb2.TASK_CLASSIFY,
+    Task.GENERATE: common_pb2.TASK_GENERATE,
+    Task.SEQ2SEQ: common_pb2.TASK_GENERATE,
+}
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
 STATES = {
     ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,
@@ -113,3 +123,21 @@ def model_info(status: ModelStatus) -> models_pb2.ModelInfo:
             info.validation_max_abs_diff = manifest.validation.max_abs_diff
             info.validation_atol = manifest.validation.atol
     return info
+
+
+def generate(chunk: GenerateChunk) -> pb.GenerateResponse:
+    """One GenerateResponse; finish reason, usage and metadata only on the last."""
+    response = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
+    if chunk.finish is not None:
+        response.finish_reason = FINISH_REASONS[chunk.finish]
+    if chunk.usage is not None:
+        response.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=chunk.usage.prompt_tokens,
+                completion_tokens=chunk.usage.completion_tokens,
+                truncated_prompt_tokens=chunk.usage.truncated_prompt_tokens,
+            )
+        )
+    if chunk.info is not None:
+        response.metadata.CopyFrom(metadata(chunk.info))
+    return response

@@ -1,4 +1,4 @@
-"""Turning a configured model dir into a ServedModel: verify, preflight, load, warm up."""
+"""Turning a configured model dir into a loaded model: verify, preflight, load, warm up."""
 
 from __future__ import annotations
 
@@ -6,13 +6,71 @@ import logging
 import time
 from pathlib import Path
 
-from sidecar.models.manifest import Manifest, verify_files
+from sidecar.errors import ModelLoadError
+from sidecar.generation.chat import ChatTemplate
+from sidecar.models.generative import GenerativeModel, special_tokens
+from sidecar.models.manifest import Manifest, Task, verify_files
 from sidecar.models.preflight import preflight
-from sidecar.models.served import ServedModel
+from sidecar.models.served import LoadedModel, ServedModel
+from sidecar.runtime.backend import Backend, Decoder
 from sidecar.runtime.onnx import OnnxBackend
+from sidecar.runtime.onnx_decoder import OnnxCausalDecoder, OnnxSeq2SeqDecoder
 from sidecar.tasks.tokenization import TextEncoder
 
 log = logging.getLogger(__name__)
+
+
+def choose_backend(requested: str, manifest: Manifest, model_dir: Path) -> str:
+    """ "onnx" or "torch": what was asked for, if the dir holds what that backend loads."""
+    available = manifest.backends
+    if requested == "auto":
+        if not available:
+            raise ModelLoadError(f"{model_dir} holds neither an ONNX graph nor PyTorch weights")
+        return available[0]
+    if requested not in available:
+        how = "--backend both (or torch)" if requested == "torch" else "--backend onnx or both"
+        raise ModelLoadError(
+            f"backend {requested} was asked for, but {model_dir} holds no "
+            f"{'PyTorch weights' if requested == 'torch' else 'ONNX graph'}: re-export it "
+            f"with {how}, or set backend: auto"
+        )
+    return requested
+
+
+def _encoder_backend(
+    backend: str, model_dir: Path, manifest: Manifest, device: str, threads: int, dtype: str
+) -> Backend:
+    if backend == "onnx":
+        return OnnxBackend(model_dir / manifest.onnx_file, device, threads)
+    from sidecar.runtime.pytorch import TorchBackend  # torch is imported only when asked for
+
+    return TorchBackend(model_dir, manifest.task, device, dtype)
+
+
+def _decoder(
+    backend: str, model_dir: Path, manifest: Manifest, device: str, threads: int, dtype: str
+) -> Decoder:
+    defaults = manifest.generation
+    start = defaults.decoder_start_token_id if defaults else None
+    if manifest.task is Task.SEQ2SEQ and start is None:
+        raise ModelLoadError(f"{model_dir}: a seq2seq model needs decoder_start_token_id")
+    if backend == "onnx":
+        if manifest.task is Task.GENERATE:
+            return OnnxCausalDecoder(model_dir / manifest.onnx_file, device, threads)
+        assert start is not None
+        return OnnxSeq2SeqDecoder(
+            model_dir / manifest.onnx_encoder_file,
+            model_dir / manifest.onnx_file,
+            device,
+            start,
+            threads,
+        )
+    from sidecar.runtime.pytorch import TorchCausalDecoder, TorchSeq2SeqDecoder
+
+    if manifest.task is Task.GENERATE:
+        return TorchCausalDecoder(model_dir, device, dtype)
+    assert start is not None
+    return TorchSeq2SeqDecoder(model_dir, device, start, dtype)
 
 
 def load_model(
@@ -22,23 +80,38 @@ def load_model(
     device: str,
     intra_op_threads: int,
     verify_checksums: bool = True,
-) -> ServedModel:
+    backend: str = "auto",
+    torch_dtype: str = "auto",
+) -> LoadedModel:
     """Load one model dir; raises ModelLoadError (or ConfigError) naming what is wrong."""
     started = time.perf_counter()
     if verify_checksums:
         verify_files(model_dir, manifest)
+    chosen = choose_backend(backend, manifest, model_dir)
     encoder = TextEncoder(model_dir, manifest.max_length)
-    backend = OnnxBackend(model_dir / manifest.onnx_file, device, intra_op_threads)
-    preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, backend.input_names)
-    model = ServedModel(name, model_dir, manifest, encoder, backend)
+    model: LoadedModel
+    if manifest.task.generative:
+        preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, ())
+        decoder = _decoder(chosen, model_dir, manifest, device, intra_op_threads, torch_dtype)
+        chat = None
+        if manifest.chat_template:
+            template = (model_dir / manifest.chat_template).read_text()
+            chat = ChatTemplate(template, special_tokens(model_dir))
+        model = GenerativeModel(name, model_dir, manifest, encoder, decoder, chat)
+    else:
+        runner = _encoder_backend(
+            chosen, model_dir, manifest, device, intra_op_threads, torch_dtype
+        )
+        preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, runner.input_names)
+        model = ServedModel(name, model_dir, manifest, encoder, runner)
     loaded = time.perf_counter()
     model.warm_up()
     log.info(
         "model %s ready: task=%s backend=%s device=%s load=%.0fms warm-up=%.0fms",
         name,
         manifest.task.value,
-        backend.name,
-        backend.device,
+        model.backend_name,
+        model.device,
         (loaded - started) * 1000,
         (time.perf_counter() - loaded) * 1000,
     )

@@ -39,7 +39,8 @@ def preflight(
             f"table has {model_vocab} (config.vocab_size): the tokenizer does not belong to "
             "this model; export tokenizer and weights from the same checkpoint"
         )
-    if pad_id is None:
+    # Generation runs one sequence per prompt and never pads one.
+    if pad_id is None and not manifest.task.generative:
         raise ModelLoadError(
             f"{model_dir}: the tokenizer has no pad token, so inputs cannot be batched; "
             "set pad_token in tokenizer_config.json and re-export"

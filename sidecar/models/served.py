@@ -39,17 +39,24 @@ def _output(outputs: dict[str, npt.NDArray[np.float32]], name: str) -> npt.NDArr
     return next(iter(outputs.values())) if found is None else found
 
 
-class ServedModel:
-    """One model dir ready for calls; safe to call from several threads."""
+class LoadedModel:
+    """What every loaded model offers, whatever its task: identity, tokenizer, Tokenize."""
 
     def __init__(
-        self, name: str, model_dir: Path, manifest: Manifest, encoder: TextEncoder, backend: Backend
+        self,
+        name: str,
+        model_dir: Path,
+        manifest: Manifest,
+        encoder: TextEncoder,
+        backend_name: str,
+        device: str,
     ) -> None:
         self.name = name
         self.model_dir = model_dir
         self.manifest = manifest
         self.encoder = encoder
-        self.backend = backend
+        self.backend_name = backend_name
+        self.device = device
 
     @property
     def task(self) -> Task:
@@ -61,9 +68,34 @@ class ServedModel:
         return CallInfo(
             model=self.name,
             revision=self.manifest.digest,
-            backend=self.backend.name,
-            device=self.backend.device,
+            backend=self.backend_name,
+            device=self.device,
         )
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool, truncate: bool
+    ) -> TokenizeResult:
+        """The model's tokens for each text."""
+        info = self.call_info()
+        t0 = time.perf_counter_ns()
+        tokens = self.encoder.tokenize(texts, add_special_tokens, truncate)
+        info.tokenize_us = _us(t0, time.perf_counter_ns())
+        info.batch_size = len(texts)
+        return TokenizeResult(results=tokens, max_length=self.encoder.max_length, info=info)
+
+    def warm_up(self) -> None:
+        """Run the model once or twice so the first real call pays no allocation cost."""
+        raise NotImplementedError
+
+
+class ServedModel(LoadedModel):
+    """An encoder model (embeddings, classification) ready for calls; thread-safe."""
+
+    def __init__(
+        self, name: str, model_dir: Path, manifest: Manifest, encoder: TextEncoder, backend: Backend
+    ) -> None:
+        super().__init__(name, model_dir, manifest, encoder, backend.name, backend.device)
+        self.backend = backend
 
     def encode(self, texts: Sequence[str], truncate: bool) -> list[EncodedText]:
         """The model's ids for each text, unpadded; over-long ones cut when `truncate`."""
@@ -154,17 +186,6 @@ class ServedModel:
         """Classifications for texts run as one batch."""
         items, output, info = self._direct(texts, truncate)
         return self.classify_result(output.rows, items, top_k, info)
-
-    def tokenize(
-        self, texts: Sequence[str], add_special_tokens: bool, truncate: bool
-    ) -> TokenizeResult:
-        """The model's tokens for each text."""
-        info = self.call_info()
-        t0 = time.perf_counter_ns()
-        tokens = self.encoder.tokenize(texts, add_special_tokens, truncate)
-        info.tokenize_us = _us(t0, time.perf_counter_ns())
-        info.batch_size = len(texts)
-        return TokenizeResult(results=tokens, max_length=self.encoder.max_length, info=info)
 
     def warm_up(self) -> None:
         """Run a short and a full-length batch so the first real call pays no allocation cost."""

@@ -40,6 +40,10 @@ class OnnxBackend:
             )
         self.device = canonical_device(device)
         self.input_names = tuple(i.name for i in self._session.get_inputs())
+        # Declared shapes (ints or symbolic names) and element types, for the decoders that
+        # build past key/value tensors themselves.
+        self.input_shapes = {i.name: list(i.shape) for i in self._session.get_inputs()}
+        self.input_types = {i.name: str(i.type) for i in self._session.get_inputs()}
         self.output_names = tuple(o.name for o in self._session.get_outputs())
 
     def run(self, inputs: Arrays) -> dict[str, npt.NDArray[np.float32]]:

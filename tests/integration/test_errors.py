@@ -120,9 +120,9 @@ async def test_rpcs_not_yet_available(inference: InferenceStub, rpc: str, reques
     )
 
 
-async def test_generate_not_yet_available(inference: InferenceStub) -> None:
+async def test_generate_on_an_embedding_model_is_a_wrong_task(inference: InferenceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in inference.Generate(pb.GenerateRequest(prompt="hi")):
             pass
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Generate is part of the sidecar.v1 contract" in caught.value.details()
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs a text-generation or text2text-generation model" in caught.value.details()

@@ -104,6 +104,46 @@ def test_client_command_prints_an_embedding(
     assert failed.stderr.startswith("FAILED_PRECONDITION: model 'minilm' does feature-extraction")
 
 
+def test_client_generate_streams_text_and_onnx_serving_never_loads_torch(
+    gpt2_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    address = f"127.0.0.1:{free_port()}"
+    process = start_sidecar(
+        tmp_path / "serve.log", "--model", f"writer={gpt2_dir}", "--address", address
+    )
+    try:
+        wait_serving(address, process)
+        done = subprocess.run(
+            [
+                BIN / "sidecar",
+                "client",
+                "--address",
+                address,
+                "generate",
+                "Refund",
+                "--max-new-tokens",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        # The streamed text on its own line, then the last message as JSON.
+        last = json.loads(done.stdout.split("\n", 1)[1])
+        assert last["finish_reason"] == "FINISH_REASON_LENGTH"
+        assert last["usage"]["completion_tokens"] == 5
+        assert last["metadata"]["model"] == "writer"
+        # The ONNX path serves without torch in the process at all.
+        maps = Path(f"/proc/{process.pid}/maps").read_text()
+        assert "libtorch" not in maps
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     sidecar_process: tuple[str, subprocess.Popen[bytes]],
 ) -> None:

@@ -67,7 +67,7 @@ async def test_bad_items_get_errors_and_the_stream_goes_on(inference: InferenceS
         "nothing": grpc.StatusCode.INVALID_ARGUMENT.value[0],
         "wrong-task": grpc.StatusCode.FAILED_PRECONDITION.value[0],
         "unknown": grpc.StatusCode.NOT_FOUND.value[0],
-        "gen": grpc.StatusCode.UNIMPLEMENTED.value[0],
+        "gen": grpc.StatusCode.FAILED_PRECONDITION.value[0],
     }
     assert "inputs[0] is empty" in answers["empty"].error.message
     assert "carries no request" in answers["nothing"].error.message

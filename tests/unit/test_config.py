@@ -139,4 +139,11 @@ def test_readme_yaml_example_loads(tmp_path: Path) -> None:
     assert [(m.name, m.intra_op_threads) for m in settings.models] == [
         ("embedder", None),
         (None, 1),
+        (None, None),
     ]
+    summarizer = settings.models[2]
+    assert (summarizer.backend, summarizer.device, summarizer.torch_dtype) == (
+        "torch",
+        "cuda",
+        "bfloat16",
+    )

@@ -3,6 +3,7 @@ helpers (which MatMuls stay fp32, the quality measures and gate, the manifest en
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import numpy.typing as npt
 import onnx
 import pytest
 
-from export import checkpoint, quality, source
+from export import checkpoint, convert, generation, pipeline, quality, source
+from export.progress import Progress
 from export.quantize import fp32_matmuls
 from sidecar.errors import ExportError, ModelLoadError, ValidationError
-from sidecar.models.manifest import Task, format_version, read_manifest
+from sidecar.models.manifest import GenerationDefaults, Task, format_version, read_manifest
 
 
 def test_minilm_is_a_normalized_mean_pooled_embedder(minilm_source: Path) -> None:
@@ -196,3 +198,173 @@ def test_manifest_reads_both_quantization_forms(tmp_path: Path) -> None:
     assert format_version({"task": "text-generation", "onnx_file": "model.onnx"}) == 3
     with pytest.raises(ModelLoadError, match=r"malformed \(KeyError: 'mode'\)"):
         read_manifest(write_manifest(tmp_path / "bad", {"quality": {}}))
+
+
+@pytest.mark.parametrize(
+    ("config", "task"),
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, Task.GENERATE),
+        ({"architectures": ["LlamaForCausalLM"]}, Task.GENERATE),
+        (
+            {"architectures": ["BartForConditionalGeneration"], "is_encoder_decoder": True},
+            Task.SEQ2SEQ,
+        ),
+        ({"architectures": ["MarianMTModel"], "is_encoder_decoder": True}, Task.SEQ2SEQ),
+        ({"architectures": ["GPT2Model"]}, Task.EMBED),
+    ],
+)
+def test_generative_tasks_are_detected(
+    tmp_path: Path, config: dict[str, object], task: Task
+) -> None:
+    assert checkpoint.detect_task(write_config(tmp_path / "c", **config)) is task
+
+
+def test_conditional_generation_without_an_encoder_decoder_asks_for_task(tmp_path: Path) -> None:
+    ckpt = write_config(tmp_path / "c", architectures=["LlavaForConditionalGeneration"])
+    with pytest.raises(ExportError, match="pass --task"):
+        checkpoint.detect_task(ckpt)
+
+
+def write_tokenizer_limit(path: Path, limit: int) -> None:
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": limit}))
+
+
+def test_generative_max_length_is_the_context(tmp_path: Path) -> None:
+    gpt2 = write_config(tmp_path / "gpt2", n_positions=1024, eos_token_id=0)
+    assert checkpoint.inspect(gpt2, Task.GENERATE).max_length == 1024
+    write_tokenizer_limit(gpt2, 256)  # a real tokenizer limit bounds it
+    assert checkpoint.inspect(gpt2, Task.GENERATE).max_length == 256
+    write_tokenizer_limit(gpt2, 1_000_000_000_000_000_019_884_624_838_656)  # "no limit"
+    assert checkpoint.inspect(gpt2, Task.GENERATE).max_length == 1024
+    assert checkpoint.inspect(gpt2, Task.GENERATE, max_length=4096).max_length == 1024
+    ctrl = write_config(tmp_path / "ctrl", n_ctx=256)
+    assert checkpoint.inspect(ctrl, Task.GENERATE).max_length == 256
+
+
+def test_relative_position_models_use_the_tokenizer_limit_or_512(tmp_path: Path) -> None:
+    # T5 configs carry n_positions, which the model does not use.
+    t5 = write_config(
+        tmp_path / "t5", relative_attention_num_buckets=32, n_positions=64, decoder_start_token_id=0
+    )
+    assert checkpoint.inspect(t5, Task.SEQ2SEQ).max_length == 512
+    write_tokenizer_limit(t5, 1024)
+    assert checkpoint.inspect(t5, Task.SEQ2SEQ).max_length == 1024
+
+
+def test_generation_defaults_come_from_generation_config(tmp_path: Path) -> None:
+    ckpt = write_config(tmp_path / "c", n_positions=128, eos_token_id=9, do_sample=True)
+    (ckpt / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [1, 2], "max_new_tokens": 24, "temperature": 0.7})
+    )
+    generation = checkpoint.inspect(ckpt, Task.GENERATE).generation
+    assert generation == {
+        "max_new_tokens": 24,
+        # The file wins whole, as in transformers: config.json's do_sample is not merged in.
+        "do_sample": False,
+        "temperature": 0.7,
+        "top_k": 50,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "min_new_tokens": 0,
+        "eos_token_ids": [1, 2],
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "decoder_start_token_id": None,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+    }
+    assert GenerationDefaults.from_json(generation).eos_token_ids == (1, 2)
+
+
+def test_generation_defaults_fall_back_to_config(tmp_path: Path) -> None:
+    ckpt = write_config(
+        tmp_path / "c", n_positions=128, eos_token_id=9, do_sample=True, max_length=50
+    )
+    generation = checkpoint.inspect(ckpt, Task.GENERATE).generation
+    assert generation is not None
+    assert (generation["eos_token_ids"], generation["do_sample"]) == ([9], True)
+    # A decoder-only max_length counts the prompt: no max_new_tokens follows from it.
+    assert generation["max_new_tokens"] == 127  # 256, bounded by the context
+
+
+def test_seq2seq_lengths_count_the_decoder_start_token(tmp_path: Path) -> None:
+    ckpt = write_config(
+        tmp_path / "c",
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        max_length=142,
+        min_length=56,
+        no_repeat_ngram_size=3,
+    )
+    generation = checkpoint.inspect(ckpt, Task.SEQ2SEQ).generation
+    assert generation is not None
+    assert (generation["max_new_tokens"], generation["min_new_tokens"]) == (141, 55)
+    assert generation["no_repeat_ngram_size"] == 3
+    # transformers starts the decoder on BOS when no start token is named.
+    assert generation["decoder_start_token_id"] == 0
+    nothing = write_config(tmp_path / "n", max_position_embeddings=64)
+    with pytest.raises(ExportError, match="neither decoder_start_token_id nor bos_token_id"):
+        checkpoint.inspect(nothing, Task.SEQ2SEQ)
+
+
+def test_chat_template_is_normalised_to_a_jinja_file(tmp_path: Path) -> None:
+    assert generation.write_chat_template(tmp_path) == ""
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert generation.write_chat_template(tmp_path) == "chat_template.jinja"
+    assert (tmp_path / "chat_template.jinja").read_text() == "{{ messages }}"
+
+    several = tmp_path / "several"
+    several.mkdir()
+    templates = [
+        {"name": "tool_use", "template": "tools"},
+        {"name": "default", "template": "chat"},
+    ]
+    (several / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates}))
+    assert generation.write_chat_template(several) == "chat_template.jinja"
+    assert (several / "chat_template.jinja").read_text() == "chat"
+
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    (unnamed / "tokenizer_config.json").write_text(json.dumps({"chat_template": templates[:1]}))
+    assert generation.write_chat_template(unnamed) == ""  # transformers would not pick one
+
+
+def test_optimum_support_is_asked_of_optimum(tmp_path: Path) -> None:
+    assert (
+        convert.unsupported(write_config(tmp_path / "gpt2", model_type="gpt2"), Task.GENERATE)
+        is None
+    )
+    bart = write_config(tmp_path / "bart", model_type="bart")
+    assert convert.unsupported(bart, Task.SEQ2SEQ) is None
+    assert "no ONNX export for model type 'starcoder2'" in str(
+        convert.unsupported(write_config(tmp_path / "s", model_type="starcoder2"), Task.GENERATE)
+    )
+    gpt2 = write_config(tmp_path / "g", model_type="gpt2")
+    assert "not as text2text-generation-with-past" in str(convert.unsupported(gpt2, Task.SEQ2SEQ))
+
+
+def test_backend_plan(tmp_path: Path) -> None:
+    ckpt = write_config(tmp_path / "c", model_type="starcoder2")
+    (ckpt / "model.safetensors").write_bytes(b"")
+    info = checkpoint.CheckpointInfo(task=Task.EMBED, max_length=32)
+    lines = io.StringIO()
+    assert pipeline._plan("auto", ckpt, info, False, Progress(5, lines)) == (False, True)
+    assert "falling back to the PyTorch backend" in lines.getvalue()
+    with pytest.raises(ExportError, match="--quantize int8 needs an ONNX model"):
+        pipeline._plan("auto", ckpt, info, True, Progress(5, lines))
+    with pytest.raises(ExportError, match="pass --backend torch"):
+        pipeline._plan("onnx", ckpt, info, False, Progress(5, lines))
+    assert pipeline._plan("torch", ckpt, info, False, Progress(5, lines)) == (False, True)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match="convert the checkpoint to safetensors"):
+        pipeline._plan("torch", ckpt, info, False, Progress(5, lines))
+
+
+def test_backend_and_int8_flags_are_checked_first(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="--backend 'tpu' is not one of auto, onnx, torch, both"):
+        pipeline.export_model("missing", tmp_path / "out", backend="tpu")
+    with pytest.raises(ExportError, match="--backend torch has none"):
+        pipeline.export_model("missing", tmp_path / "out", backend="torch", quantize="int8")
+    assert list(tmp_path.iterdir()) == []

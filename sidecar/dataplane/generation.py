@@ -1,0 +1,165 @@
+"""Generate calls: admission, prompt preparation, and the stream of chunks per step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+from concurrent.futures import Executor
+from contextlib import AbstractContextManager, contextmanager
+
+from sidecar.config import Settings
+from sidecar.domain import FinishReason, GenerateChunk, GenerateRequest, Usage
+from sidecar.errors import DeadlineExceededError, OverloadedError
+from sidecar.generation import sampling
+from sidecar.generation.scheduler import DecodeScheduler
+from sidecar.generation.sequence import Sequence
+from sidecar.models.generative import GenerativeModel
+
+
+class Generation:
+    """One Generate call: iterate `chunks()`; `cancelled()` ends it early with a last chunk."""
+
+    def __init__(
+        self,
+        model: GenerativeModel,
+        request: GenerateRequest,
+        scheduler: DecodeScheduler,
+        prepare_pool: Executor,
+        deadline: float | None,
+        admit: Callable[[], AbstractContextManager[None]],
+    ) -> None:
+        self.model = model
+        self._admit = admit
+        self.params = sampling.resolve(request, model.defaults)
+        self._request = request
+        self._scheduler = scheduler
+        self._prepare_pool = prepare_pool
+        self._deadline = deadline
+        self._sequence: Sequence | None = None
+        self._tokenize_us = 0
+        self._submitted_ns = 0
+        self._sent = 0  # tokens handed to the caller
+
+    async def chunks(self) -> AsyncGenerator[GenerateChunk, None]:
+        """A chunk per decode step; the last one carries finish, usage and metadata."""
+        try:
+            with self._admit():
+                async with asyncio.timeout_at(self._deadline):
+                    async for chunk in self._steps():
+                        yield chunk
+        except TimeoutError:
+            made = len(self._sequence.generated) if self._sequence else 0
+            raise DeadlineExceededError(
+                f"the call's deadline passed after {made} generated tokens; allow a longer "
+                "deadline or lower max_new_tokens"
+            ) from None
+
+    async def _steps(self) -> AsyncGenerator[GenerateChunk, None]:
+        t0 = time.perf_counter_ns()
+        prompt = await asyncio.get_running_loop().run_in_executor(
+            self._prepare_pool, self.model.prompt, self._request, self.params.max_new_tokens
+        )
+        self._submitted_ns = time.perf_counter_ns()
+        self._tokenize_us = (self._submitted_ns - t0) // 1000
+        sequence = self._sequence = self.model.sequence(prompt, self.params)
+        future = self._scheduler.advance(sequence)
+        try:
+            while True:
+                chunk = await future
+                if chunk.finish is not None:
+                    yield self._last(chunk)
+                    return
+                # The next step runs while this chunk is written to the caller.
+                future = self._scheduler.advance(sequence)
+                self._sent += len(chunk.token_ids)
+                yield chunk
+        finally:
+            future.cancel()  # a caller that leaves costs at most the step already running
+
+    def _last(self, chunk: GenerateChunk, completion_tokens: int | None = None) -> GenerateChunk:
+        """The chunk with usage and call metadata attached."""
+        sequence = self._sequence
+        assert sequence is not None
+        info = self.model.call_info()
+        info.tokenize_us = self._tokenize_us
+        if sequence.started_ns:
+            info.queue_us = max(0, (sequence.started_ns - self._submitted_ns) // 1000)
+        info.inference_us = sequence.inference_us
+        info.batch_size = sequence.batch_size
+        usage = Usage(
+            prompt_tokens=len(sequence.prompt.ids),
+            completion_tokens=(
+                len(sequence.generated) if completion_tokens is None else completion_tokens
+            ),
+            truncated_prompt_tokens=sequence.prompt.truncated_tokens,
+        )
+        return GenerateChunk(chunk.text, chunk.token_ids, chunk.finish, usage, info)
+
+    def cancelled(self) -> GenerateChunk:
+        """The last chunk of a generation stopped by its caller (no new tokens)."""
+        if self._sequence is None:
+            return GenerateChunk(
+                "", [], FinishReason.CANCELLED, Usage(0, 0), self.model.call_info()
+            )
+        # A step may have finished after the cancel: its token was never sent, so not counted.
+        return self._last(GenerateChunk("", [], FinishReason.CANCELLED), self._sent)
+
+
+class Generations:
+    """The decode scheduler of each generative model, and the bound on generations at once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model_pool: Executor,
+        prepare_pool: Executor,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        self._settings = settings
+        self._model_pool = model_pool
+        self._prepare_pool = prepare_pool
+        self._slots = slots
+        self._schedulers: dict[str, DecodeScheduler] = {}
+        self.running = 0
+
+    def scheduler(self, model: GenerativeModel) -> DecodeScheduler:
+        """The model's decode scheduler, made on first use."""
+        scheduler = self._schedulers.get(model.name)
+        if scheduler is None:
+            scheduler = DecodeScheduler(
+                model.name,
+                model.decoder,
+                self._model_pool,
+                self._slots,
+                self._settings.max_decode_batch_size,
+            )
+            self._schedulers[model.name] = scheduler
+        return scheduler
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count a generation against max_concurrent_generations."""
+        limit = self._settings.max_concurrent_generations
+        if self.running >= limit:
+            raise OverloadedError(
+                f"{self.running} generations are in progress, the max_concurrent_generations "
+                "limit: retry with backoff, or add sidecar replicas"
+            )
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+
+    def start(
+        self, model: GenerativeModel, request: GenerateRequest, deadline: float | None
+    ) -> Generation:
+        """A Generation ready to iterate (parameters already checked)."""
+        return Generation(
+            model, request, self.scheduler(model), self._prepare_pool, deadline, self.admitted
+        )
+
+    async def close(self) -> None:
+        """Stop every scheduler; waiting steps fail with UNAVAILABLE."""
+        await asyncio.gather(*(s.close() for s in self._schedulers.values()))

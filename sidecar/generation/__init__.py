@@ -1,0 +1,1 @@
+"""Generation: sampling, streamed text, chat prompts, and the decode scheduler."""

@@ -1,0 +1,161 @@
+"""Choosing each next token: the logits processors of transformers' generate(), in numpy.
+
+The order and semantics follow transformers (repetition penalty, no-repeat n-grams, min new
+tokens, forced BOS/EOS, then temperature, top-k, top-p), so greedy decoding gives the
+tokens `model.generate()` gives, and sampling the same distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from sidecar.domain import GenerateRequest
+from sidecar.errors import InvalidInputError
+from sidecar.models.manifest import GenerationDefaults
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+Logits = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """A request's generation parameters, with the model's defaults filled in."""
+
+    max_new_tokens: int
+    greedy: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    stop: tuple[str, ...]
+    seed: int | None
+    eos_token_ids: tuple[int, ...]
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+
+
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def resolve(request: GenerateRequest, defaults: GenerationDefaults) -> SamplingParams:
+    """Fill unset parameters from the model's generation config; refuse out-of-range values."""
+    if request.max_new_tokens < 0:
+        raise InvalidInputError(
+            f"max_new_tokens must be 0 (the default) or more, got {request.max_new_tokens}"
+        )
+    temperature = request.temperature
+    if temperature is not None and _finite("temperature", temperature) < 0:
+        raise InvalidInputError(f"temperature must be 0 (greedy) or more, got {temperature}")
+    if request.top_k is not None and request.top_k < 0:
+        raise InvalidInputError(f"top_k must be 0 (no limit) or more, got {request.top_k}")
+    top_p = request.top_p
+    if top_p is not None and not 0 < _finite("top_p", top_p) <= 1:
+        raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+    penalty = request.repetition_penalty
+    if penalty is not None and _finite("repetition_penalty", penalty) <= 0:
+        raise InvalidInputError(f"repetition_penalty must be above 0 (1 = off), got {penalty}")
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidInputError(
+            f"{len(request.stop)} stop sequences; at most {MAX_STOP_SEQUENCES} are allowed"
+        )
+    for index, stop in enumerate(request.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidInputError(
+                f"stop[{index}] must be 1 to {MAX_STOP_CHARS} characters, got {len(stop)}"
+            )
+    # An explicit temperature decides; otherwise the model's do_sample does (as generate()).
+    greedy = temperature == 0 if temperature is not None else not defaults.do_sample
+    return SamplingParams(
+        max_new_tokens=request.max_new_tokens or defaults.max_new_tokens,
+        greedy=greedy,
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_k=defaults.top_k if request.top_k is None else request.top_k,
+        top_p=defaults.top_p if top_p is None else top_p,
+        repetition_penalty=defaults.repetition_penalty if penalty is None else penalty,
+        stop=tuple(request.stop),
+        seed=request.seed,
+        eos_token_ids=defaults.eos_token_ids,
+        min_new_tokens=defaults.min_new_tokens,
+        no_repeat_ngram_size=defaults.no_repeat_ngram_size,
+        forced_bos_token_id=defaults.forced_bos_token_id,
+        forced_eos_token_id=defaults.forced_eos_token_id,
+    )
+
+
+def _banned_ngram_tokens(ids: Sequence[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in ids."""
+    if len(ids) + 1 < n:
+        return []
+    prefix = tuple(ids[len(ids) - n + 1 :])
+    return [ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i : i + n - 1]) == prefix]
+
+
+class Sampler:
+    """One sequence's token choice; owns its random generator (seeded: reproducible)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def choose(self, logits: Logits, context: Sequence[int], generated: int) -> int:
+        """The next token after `context` (the ids the decoder has seen), `generated` so far."""
+        p = self.params
+        scores = logits.astype(np.float32, copy=True)
+        if p.repetition_penalty != 1.0 and len(context):
+            seen = np.unique(np.asarray(context, dtype=np.int64))
+            values = scores[seen]
+            scores[seen] = np.where(
+                values < 0, values * p.repetition_penalty, values / p.repetition_penalty
+            )
+        if p.no_repeat_ngram_size > 0:
+            banned = _banned_ngram_tokens(context, p.no_repeat_ngram_size)
+            scores[banned] = -np.inf
+        if generated < p.min_new_tokens and p.eos_token_ids:
+            scores[list(p.eos_token_ids)] = -np.inf
+        forced = None
+        if generated == 0 and p.forced_bos_token_id is not None:
+            forced = p.forced_bos_token_id
+        elif generated == p.max_new_tokens - 1 and p.forced_eos_token_id is not None:
+            forced = p.forced_eos_token_id
+        if forced is not None:
+            return forced
+        if p.greedy:
+            return int(np.argmax(scores))
+        return self._sample(scores)
+
+    def _sample(self, scores: Logits) -> int:
+        p = self.params
+        if p.temperature != 1.0:
+            scores = scores / np.float32(p.temperature)
+        if 0 < p.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -p.top_k)[-p.top_k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        if p.top_p < 1.0:
+            # As transformers: drop the least likely tokens whose total mass is <= 1 - top_p,
+            # always keeping the most likely one.
+            order = np.argsort(scores, kind="stable")
+            probs = _softmax(scores[order])
+            drop = np.cumsum(probs) <= 1 - p.top_p
+            drop[-1] = False
+            scores = scores.copy()
+            scores[order[drop]] = -np.inf
+        probs = _softmax(scores)
+        return int(self._rng.choice(len(probs), p=probs))
+
+
+def _softmax(scores: Logits) -> npt.NDArray[np.float64]:
+    shifted = scores.astype(np.float64) - np.max(scores)
+    weights = np.exp(shifted)
+    result: npt.NDArray[np.float64] = weights / weights.sum()
+    return result

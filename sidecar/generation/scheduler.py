@@ -1,0 +1,134 @@
+"""One model's decode steps: the next token of every waiting generation, in shared runs.
+
+Each generation asks for one step at a time. Steps that wait together run as one batched
+decoder step (new generations are prefilled in the same job), so a generation that joins
+mid-way shares the next run instead of waiting for the others to finish. Every job holds
+one of the inference slots the encoder batchers use, so decode steps and encoder batches
+take turns on the same threads and neither starves the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+
+from sidecar.domain import GenerateChunk
+from sidecar.errors import ModelNotReadyError
+from sidecar.generation.sequence import Sequence
+from sidecar.runtime.backend import Decoder
+
+log = logging.getLogger(__name__)
+
+
+class DecodeScheduler:
+    """Runs the steps generations ask for; `close()` at shutdown."""
+
+    def __init__(
+        self,
+        name: str,
+        decoder: Decoder,
+        pool: Executor,
+        slots: asyncio.Semaphore,
+        max_batch: int,
+    ) -> None:
+        self._name = name
+        self._decoder = decoder
+        self._pool = pool
+        self._slots = slots
+        self._max_batch = max_batch
+        self._waiting: deque[tuple[Sequence, asyncio.Future[GenerateChunk]]] = deque()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.steps = 0  # sequence steps run (a batched run of n sequences counts n)
+
+    def advance(self, sequence: Sequence) -> asyncio.Future[GenerateChunk]:
+        """The sequence's next chunk (its prefill first). Cancel the future to withdraw."""
+        if self._closed:
+            raise ModelNotReadyError(f"model {self._name!r} is shutting down")
+        future: asyncio.Future[GenerateChunk] = asyncio.get_running_loop().create_future()
+        self._waiting.append((sequence, future))
+        self._wake.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run_loop(), name=f"decode-{self._name}")
+        return future
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                async with self._slots:
+                    batch = self._take()
+                    if not batch:
+                        break
+                    try:
+                        chunks = await loop.run_in_executor(
+                            self._pool, self._job, [s for s, _ in batch]
+                        )
+                    except Exception as exc:
+                        log.exception("decode step of model %s failed", self._name)
+                        for _, future in batch:
+                            if not future.done():
+                                future.set_exception(exc)
+                        continue
+                for (_, future), chunk in zip(batch, chunks, strict=True):
+                    if not future.done():
+                        future.set_result(chunk)
+
+    def _take(self) -> list[tuple[Sequence, asyncio.Future[GenerateChunk]]]:
+        """Up to max_batch waiting steps whose callers are still there."""
+        batch: list[tuple[Sequence, asyncio.Future[GenerateChunk]]] = []
+        while self._waiting and len(batch) < self._max_batch:
+            entry = self._waiting.popleft()
+            if not entry[1].done():  # a cancelled caller costs no forward pass
+                batch.append(entry)
+        return batch
+
+    def _job(self, sequences: list[Sequence]) -> list[GenerateChunk]:
+        """On a model thread: prefill new sequences, then one shared step for the rest."""
+        chunks: dict[int, GenerateChunk] = {}
+        for index, sequence in enumerate(sequences):
+            if sequence.cache is None:
+                t0 = sequence.started_ns = time.perf_counter_ns()
+                logits, sequence.cache = self._decoder.prefill(sequence.prompt.ids)
+                sequence.inference_us += (time.perf_counter_ns() - t0) // 1000
+                sequence.steps += 1
+                sequence.batch_size = max(sequence.batch_size, 1)
+                chunks[index] = sequence.advance(logits)
+        running = [i for i in range(len(sequences)) if i not in chunks]
+        if running:
+            t0 = time.perf_counter_ns()
+            rows, caches = self._decoder.step(
+                [sequences[i].cache for i in running], [sequences[i].last_token for i in running]
+            )
+            spent = (time.perf_counter_ns() - t0) // 1000
+            for row, index in enumerate(running):
+                sequence = sequences[index]
+                sequence.cache = caches[row]
+                sequence.inference_us += spent
+                sequence.steps += 1
+                sequence.batch_size = max(sequence.batch_size, len(running))
+                chunks[index] = sequence.advance(rows[row])
+        self.steps += len(sequences)
+        return [chunks[i] for i in range(len(sequences))]
+
+    async def close(self) -> None:
+        """Refuse new steps and fail the waiting ones."""
+        self._closed = True
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(
+                    ModelNotReadyError(f"model {self._name!r} stopped; retry on another instance")
+                )
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task

@@ -1,0 +1,204 @@
+"""Generation on ONNX Runtime: optimum's with-past graphs driven one token at a time.
+
+Decoder-only exports (model.onnx) take `past_key_values.<layer>.key/value` and return
+`present.<layer>.key/value`; seq2seq exports run `encoder_model.onnx` once, then the merged
+decoder, whose `use_cache_branch` input picks the first-step or the cached branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from sidecar.errors import ModelLoadError
+from sidecar.runtime.backend import Cache
+from sidecar.runtime.onnx import OnnxBackend
+
+Array = npt.NDArray[np.generic]
+_PAST = "past_key_values."
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _past_names(backend: OnnxBackend) -> list[str]:
+    return [name for name in backend.input_names if name.startswith(_PAST)]
+
+
+def _present(name: str) -> str:
+    """The output that carries a past input forward: past_key_values.0.key -> present.0.key."""
+    return "present." + name[len(_PAST) :]
+
+
+def _empty_past(backend: OnnxBackend, name: str, batch: int) -> Array:
+    """A zero-length past tensor: [batch, heads, 0, head_dim] as the graph declares it."""
+    shape = backend.input_shapes[name]
+    if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+        raise ModelLoadError(f"cannot read heads and head size from {name}'s shape {shape}")
+    dtype = _FLOAT_TYPES.get(backend.input_types[name], np.float32)
+    return np.zeros((batch, shape[1], 0, shape[3]), dtype=dtype)
+
+
+def _last_logits(outputs: dict[str, npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+    """Logits of each row's last position, as float32 [batch, vocab]."""
+    return np.ascontiguousarray(outputs["logits"][:, -1, :], dtype=np.float32)
+
+
+@dataclass
+class CausalCache:
+    """One sequence's past: a [1, heads, length, head_dim] array per past input."""
+
+    past: Mapping[str, Array]
+    length: int
+
+
+class OnnxCausalDecoder:
+    """A decoder-only LM (GPT-2, Llama, ...) exported as text-generation-with-past."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, device: str, intra_op_threads: int = 0) -> None:
+        self._model = OnnxBackend(path, device, intra_op_threads)
+        self.device = self._model.device
+        self._past = _past_names(self._model)
+        if not self._past:
+            raise ModelLoadError(
+                f"{path} takes no past_key_values inputs: export it with the sidecar's "
+                "exporter (task text-generation-with-past) so decoding can reuse its cache"
+            )
+
+    def _run(
+        self, ids: Array, mask: Array, positions: Array, past: dict[str, Array]
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
+        outputs = self._model.run(
+            {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
+        )
+        return _last_logits(outputs), outputs
+
+    def prefill(self, prompt_ids: Sequence[int]) -> tuple[npt.NDArray[np.float32], Cache]:
+        """Run the whole prompt with an empty past."""
+        n = len(prompt_ids)
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        past = {name: _empty_past(self._model, name, 1) for name in self._past}
+        positions = np.arange(n, dtype=np.int64)[None, :]
+        logits, outputs = self._run(ids, np.ones((1, n), dtype=np.int64), positions, past)
+        present = {name: outputs[_present(name)] for name in self._past}
+        return logits[0], CausalCache(present, n)
+
+    def step(
+        self, caches: Sequence[Cache], tokens: Sequence[int]
+    ) -> tuple[npt.NDArray[np.float32], list[Cache]]:
+        """One token per sequence; sequences of different lengths share one run, left-padded."""
+        count = len(caches)
+        lengths = [cache.length for cache in caches]
+        width = max(lengths)
+        ids = np.asarray(tokens, dtype=np.int64)[:, None]
+        positions = np.asarray(lengths, dtype=np.int64)[:, None]
+        if count == 1:
+            # The common case costs no copies: the presents of one step are the next's past.
+            mask = np.ones((1, width + 1), dtype=np.int64)
+            logits, outputs = self._run(ids, mask, positions, caches[0].past)
+            present = {name: outputs[_present(name)] for name in self._past}
+            return logits, [CausalCache(present, width + 1)]
+        # Left padding keeps every sequence's newest token in the same column; the mask hides
+        # the padded past and position_ids keep each sequence's own positions.
+        mask = np.zeros((count, width + 1), dtype=np.int64)
+        past: dict[str, Array] = {}
+        for name in self._past:
+            first = caches[0].past[name]
+            shape = (count, first.shape[1], width, first.shape[3])
+            packed = np.zeros(shape, dtype=first.dtype)
+            for row, cache in enumerate(caches):
+                packed[row, :, width - cache.length :, :] = cache.past[name][0]
+            past[name] = packed
+        for row, length in enumerate(lengths):
+            mask[row, width - length :] = 1
+        logits, outputs = self._run(ids, mask, positions, past)
+        new = []
+        for row, length in enumerate(lengths):
+            start = width - length
+            present = {n: outputs[_present(n)][row : row + 1, :, start:, :] for n in self._past}
+            new.append(CausalCache(present, length + 1))
+        return logits, new
+
+
+@dataclass
+class Seq2SeqCache:
+    """One sequence's encoder output and decoder past."""
+
+    encoder_hidden: Array
+    encoder_mask: Array
+    past: dict[str, Array]
+
+
+class OnnxSeq2SeqDecoder:
+    """An encoder-decoder (BART, T5, ...) exported as text2text-generation-with-past."""
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        encoder_path: Path,
+        decoder_path: Path,
+        device: str,
+        decoder_start_token_id: int,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self._encoder = OnnxBackend(encoder_path, device, intra_op_threads)
+        self._decoder = OnnxBackend(decoder_path, device, intra_op_threads)
+        self.device = self._decoder.device
+        self._start = decoder_start_token_id
+        self._past = _past_names(self._decoder)
+        if "use_cache_branch" not in self._decoder.input_names or not self._past:
+            raise ModelLoadError(
+                f"{decoder_path} is not a merged with-past decoder: export the model with the "
+                "sidecar's exporter (task text2text-generation-with-past)"
+            )
+
+    def _decode(
+        self, token: int, hidden: Array, mask: Array, past: dict[str, Array], cached: bool
+    ) -> tuple[npt.NDArray[np.float32], dict[str, Array]]:
+        outputs = self._decoder.run(
+            {
+                "input_ids": np.asarray([[token]], dtype=np.int64),
+                "encoder_hidden_states": hidden,
+                "encoder_attention_mask": mask,
+                "use_cache_branch": np.asarray([cached]),
+                **past,
+            }
+        )
+        # The cached branch returns placeholders for the encoder's keys and values: those
+        # never change after the first step, so they are carried over from the past.
+        present: dict[str, Array] = {
+            name: past[name] if cached and ".encoder." in name else outputs[_present(name)]
+            for name in self._past
+        }
+        return _last_logits(outputs), present
+
+    def prefill(self, prompt_ids: Sequence[int]) -> tuple[npt.NDArray[np.float32], Cache]:
+        """Encode the prompt, then run the decoder on its start token."""
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        hidden = self._encoder.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+        empty = {name: _empty_past(self._decoder, name, 1) for name in self._past}
+        logits, present = self._decode(self._start, hidden, mask, empty, cached=False)
+        return logits[0], Seq2SeqCache(hidden, mask, present)
+
+    def step(
+        self, caches: Sequence[Cache], tokens: Sequence[int]
+    ) -> tuple[npt.NDArray[np.float32], list[Cache]]:
+        """One token per sequence, each run alone.
+
+        The merged decoder takes no decoder attention mask, so sequences of different
+        lengths cannot share a run.
+        """
+        rows, new = [], []
+        for cache, token in zip(caches, tokens, strict=True):
+            logits, present = self._decode(
+                token, cache.encoder_hidden, cache.encoder_mask, cache.past, cached=True
+            )
+            rows.append(logits[0])
+            new.append(Seq2SeqCache(cache.encoder_hidden, cache.encoder_mask, present))
+        return np.stack(rows), new
