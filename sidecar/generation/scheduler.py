@@ -1,8 +1,10 @@
 """One model's decode steps: the next token of every waiting generation, in shared runs.
 
 Each generation asks for one step at a time. Steps that wait together run as one batched
-decoder step (new generations are prefilled in the same job), so a generation that joins
-mid-way shares the next run instead of waiting for the others to finish. Every job holds
+decoder step, so a generation that joins mid-way shares the next run instead of waiting
+for the others to finish. A new generation's prefill runs as a job of its own, taking
+turns with the shared steps: it waits for at most one step, and the running generations
+for at most one prefill, however many arrive at once. Every job holds
 one of the inference slots the encoder batchers use, so decode steps and encoder batches
 take turns on the same threads and neither starves the other.
 """
@@ -44,6 +46,7 @@ class DecodeScheduler:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._prefilled_last = False
         self.steps = 0  # sequence steps run (a batched run of n sequences counts n)
 
     def advance(self, sequence: Sequence) -> asyncio.Future[GenerateChunk]:
@@ -82,16 +85,21 @@ class DecodeScheduler:
                         future.set_result(chunk)
 
     def _take(self) -> list[tuple[Sequence, asyncio.Future[GenerateChunk]]]:
-        """Up to max_batch waiting steps whose callers are still there."""
-        batch: list[tuple[Sequence, asyncio.Future[GenerateChunk]]] = []
-        while self._waiting and len(batch) < self._max_batch:
-            entry = self._waiting.popleft()
-            if not entry[1].done():  # a cancelled caller costs no forward pass
-                batch.append(entry)
+        """The next job: one prefill, or up to max_batch steps, in turns; [] if none waits."""
+        # A cancelled caller costs no forward pass.
+        live = [entry for entry in self._waiting if not entry[1].done()]
+        fresh = [entry for entry in live if entry[0].cache is None]
+        running = [entry for entry in live if entry[0].cache is not None]
+        if fresh and (not running or not self._prefilled_last):
+            batch, self._prefilled_last = fresh[:1], True
+        else:
+            batch, self._prefilled_last = running[: self._max_batch], False
+        taken = {id(entry) for entry in batch}
+        self._waiting = deque(entry for entry in live if id(entry) not in taken)
         return batch
 
     def _job(self, sequences: list[Sequence]) -> list[GenerateChunk]:
-        """On a model thread: prefill new sequences, then one shared step for the rest."""
+        """On a model thread: prefill new sequences, and one shared step for the others."""
         chunks: dict[int, GenerateChunk] = {}
         for index, sequence in enumerate(sequences):
             if sequence.cache is None:

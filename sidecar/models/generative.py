@@ -81,6 +81,11 @@ class GenerativeModel(LoadedModel):
         at least max_new_tokens, at most half the context. Encoder-decoders keep the input's
         start, as the encoder tasks' truncation does.
         """
+        if not self.seq2seq and max_new_tokens >= self.context and not request.truncate:
+            raise InvalidInputError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                f"context of {self.context} tokens: lower it, or set truncate"
+            )
         text, specials = self._text(request)
         ids = self.tokenizer.encode(text, add_special_tokens=specials).ids
         if not ids:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,12 @@ SCENARIOS = [
     "sidecar Stream",
     *(f"naive {n} callers" for n in (1, 4, 16, 64)),
     "sidecar int8 16 callers",
+]
+GENERATION_RATIOS = [
+    "generate TTFT - in-process prefill, ms",
+    "generate median ITL / in-process decode step",
+    "generate p99 ITL / in-process step p99",
+    "decode batching gain: 4 generations, batch 8 / batch 1",
 ]
 
 
@@ -39,10 +46,32 @@ def test_quick_bench_runs_every_scenario(
         assert not row["errors"], (name, row["errors"])
     assert results["ceiling"]["texts_per_s"] > 0
     assert 0.9 < results["int8"]["cosine_mean"] <= 1.0
-    assert len(results["ratios"]) == 8
+    assert len(results["ratios"]) == 12
+    assert [r["name"] for r in results["ratios"][8:]] == GENERATION_RATIOS
+    _check_generation(results["generation"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tables = (out / "bench.md").read_text()
     assert all(f"| {name} |" in tables for name in SCENARIOS)
     # The printed report carries the table and every ratio with its target.
     assert "sidecar 16 callers / ceiling" in done.stdout
     assert "target" in done.stdout
+    assert all(name in done.stdout for name in GENERATION_RATIOS)
+    assert "| sidecar 1 caller #1 |" in tables
+    assert "| 4 callers, batch 1 #1 |" in tables
+
+
+def _check_generation(gen: dict[str, Any]) -> None:
+    """Every generation figure was measured, is positive, and no call failed."""
+    assert gen["model"]["vocab"] == 30522  # the MiniLM tokenizer's vocabulary
+    (pair,) = gen["paired"]
+    inproc = pair["inprocess"]
+    for key in ("prefill_p50_ms", "step_p50_ms", "step_p99_ms", "tokens_per_s"):
+        assert inproc[key] > 0, key
+    (turn,) = gen["batching"]
+    for name, row in [("1 caller", pair["sidecar"]), *turn.items()]:
+        assert not row["errors"], (name, row["errors"])
+        assert row["generations"] > 0, name
+        for key in ("ttft_p50_ms", "itl_p50_ms", "tpot_p50_ms", "tokens_per_s"):
+            assert row[key] > 0, (name, key)
+        assert row["ttft_p50_ms"] <= row["ttft_p99_ms"], name
+        assert row["itl_p50_ms"] <= row["itl_p99_ms"], name

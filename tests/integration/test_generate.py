@@ -193,6 +193,14 @@ async def test_over_long_prompts_are_cut_or_refused_by_flag(stub: InferenceStub)
             await generate(stub, model=model, prompt=long_prompt, truncate=False)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "set truncate to cut it" in caught.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generate(stub, model="gpt2", prompt="hi", max_new_tokens=500, truncate=False)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_new_tokens 500 leaves no room" in caught.value.details()
+    # With truncation allowed the reply simply ends when the context is full.
+    full = await generate(stub, model="gpt2", prompt="hi", max_new_tokens=500)
+    assert full[-1].finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+    assert full[-1].usage.prompt_tokens + full[-1].usage.completion_tokens <= 128
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
 """`make bench`: run every scenario side by side, print the table and ratios, write JSON + PNG.
 
-    python -m tools.bench [--quick] [--out bench-results]
+    python -m tools.bench [--quick] [--only embedding|generation] [--out bench-results]
 
 Servers and load generators run as separate processes on this machine, one scenario at a
 time; the in-process ceiling runs here. `--quick` shortens everything to a smoke check of
-the whole path (numbers from it mean nothing).
+the whole path (numbers from it mean nothing). The generation part (tools/bench/generation.py)
+runs last, on a random GPT-2 it builds next to the model dir.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tools.bench import corpus, inprocess, report
+from tools.bench import corpus, generation, inprocess, report
 from tools.coldstart import free_port
 
 CALLERS = (1, 4, 16, 64)
@@ -194,6 +195,29 @@ def ratio(name: str, value: float, target: str, met: bool) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The parts `--only` leaves in, then the ratios of the parts that ran."""
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "device": args.device,
+        "quick": args.quick,
+        "timing": {"duration_s": args.duration, "warmup_s": args.warmup},
+    }
+    if args.only in (None, "embedding"):
+        results.update(embedding(args))
+    if args.only in (None, "generation"):
+        print("generation: sidecar Generate vs an in-process decode loop ...", flush=True)
+        # The bench GPT-2 takes its vocabulary from the embedding model's tokenizer.
+        name = "bench-gpt2-quick" if args.quick else "bench-gpt2"
+        model_dir = args.generation_dir or generation.ensure_model(
+            args.model_dir / "tokenizer.json", args.model_dir.parent / name, args.quick
+        )
+        results["generation"] = generation.run(args, model_dir, sidecar)
+    results["ratios"] = ratios(results)
+    return results
+
+
+def embedding(args: argparse.Namespace) -> dict[str, Any]:
+    """Every embedding scenario, the ceiling, the naive baseline and int8."""
     model_dir: Path = args.model_dir
     checkpoint: Path = args.checkpoint or default_checkpoint()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -206,16 +230,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # In-process passes use a slice: each batch size runs it whole, so all see one length mix.
     sample = texts[: args.sample_size]
     results: dict[str, Any] = {
-        "machine": machine(),
-        "device": args.device,
-        "quick": args.quick,
         "corpus": {
             "texts": len(texts),
             "in_process_sample": len(sample),
             "seed": args.seed,
             "tokens": f"8-{args.max_tokens}, uniform",
         },
-        "timing": {"duration_s": args.duration, "warmup_s": args.warmup},
     }
 
     print("in-process ONNX Runtime (the ceiling) ...", flush=True)
@@ -296,7 +316,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["int8"]["paired"] = turns
 
     results["scenarios"] = rows
-    results["ratios"] = ratios(results, rows)
     return results
 
 
@@ -304,9 +323,17 @@ def _pcts(row: dict[str, Any]) -> dict[str, float]:
     return {k: row[k] for k in ("p50_ms", "p95_ms", "p99_ms")}
 
 
-def ratios(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ratios of the parts that ran."""
+    found = embedding_ratios(results) if "scenarios" in results else []
+    if "generation" in results:
+        found += generation.ratios(results["generation"], ratio)
+    return found
+
+
+def embedding_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The ratios the targets are stated in; the ceiling and int8 ones from paired rounds."""
-    by = {r["name"]: r for r in rows}
+    by = {r["name"]: r for r in results["scenarios"]}
     pairs, turns = results["paired"], results["int8"]["paired"]
     ceiling = statistics.median(p["ceiling"] for p in pairs)
     s16 = {
@@ -415,7 +442,15 @@ def main() -> None:
         "--int8-dir", type=Path, help="int8 model dir (default: exported next to --model-dir)"
     )
     parser.add_argument(
+        "--generation-dir",
+        type=Path,
+        help="generative model dir (default: a random GPT-2 built next to --model-dir)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda: the bench runs unchanged on a GPU"
+    )
+    parser.add_argument(
+        "--only", choices=("embedding", "generation"), help="run one part (default: both)"
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
@@ -439,22 +474,33 @@ def main() -> None:
     args.duration, args.warmup = (1.5, 0.5) if args.quick else (10.0, 2.0)
     args.ceiling_seconds = 0.2 if args.quick else 4.0
     args.pairs = 1 if args.quick else 3
+    # Generation: one full-size generation takes 1 to 3 s on this CPU, and other load swings
+    # a decode step's time 2-3x within seconds: more, shorter paired rounds than above.
+    args.gen_window = 1.0 if args.quick else 4.0
+    args.gen_rounds = 1 if args.quick else 5
     if args.sweep:
         sweep(args)
         return
     results = run(args)
+    if "scenarios" in results:
+        print()
+        print(report.table(results["scenarios"]))
+        print()
+        ceiling = results["ceiling"]
+        print(
+            f"ceiling: {ceiling['texts_per_s']:.1f} texts/s at batch {ceiling['batch_size']}, "
+            f"length-sorted; in-process single text p50 "
+            f"{results['inprocess_single_p50_ms']:.2f} ms"
+        )
+    if "generation" in results:
+        print()
+        print(report.generation_table(results["generation"]))
     print()
-    print(report.table(results["scenarios"]))
-    print()
-    ceiling = results["ceiling"]
-    print(
-        f"ceiling: {ceiling['texts_per_s']:.1f} texts/s at batch {ceiling['batch_size']}, "
-        f"length-sorted; in-process single text p50 {results['inprocess_single_p50_ms']:.2f} ms"
-    )
     print(report.ratio_table(results["ratios"]))
     report.write(args.out, results)
     where = results["machine"]
-    print(f"\nwrote {args.out}/bench.json and bench.png ({where['cpu']}, {where['cores']} cores)")
+    wrote = "bench.json, bench.md" + (" and bench.png" if "scenarios" in results else "")
+    print(f"\nwrote {wrote} in {args.out} ({where['cpu']}, {where['cores']} cores)")
 
 
 if __name__ == "__main__":

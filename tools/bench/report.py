@@ -54,7 +54,72 @@ def ratio_table(ratios: list[dict[str, Any]]) -> str:
     lines = []
     for r in ratios:
         verdict = "met" if r["met"] else "MISSED"
-        lines.append(f"{r['name']:<48}{r['value']:>9.3f}  target {r['target']:<10} {verdict}")
+        lines.append(f"{r['name']:<56}{r['value']:>9.3f}  target {r['target']:<10} {verdict}")
+    return "\n".join(lines)
+
+
+def _generation_rows(gen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(scenario, figures) of every generation run, in the order they ran.
+
+    In-process rows carry prefill and decode step where sidecar rows carry TTFT and ITL:
+    the figures each is held against.
+    """
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for i, pair in enumerate(gen["paired"]):
+        inproc = pair["inprocess"]
+        rows.append(
+            (
+                f"in-process loop #{i + 1}",
+                {
+                    "first_p50": inproc["prefill_p50_ms"],
+                    "first_p99": inproc["prefill_p99_ms"],
+                    "gap_p50": inproc["step_p50_ms"],
+                    "gap_p99": inproc["step_p99_ms"],
+                    "tpot_p50": inproc["step_p50_ms"],
+                    "tokens_per_s": inproc["tokens_per_s"],
+                    "errors": {},
+                },
+            )
+        )
+        rows.append((f"sidecar 1 caller #{i + 1}", _sidecar_figures(pair["sidecar"])))
+    for i, turn in enumerate(gen["batching"]):
+        for label, row in turn.items():
+            rows.append((f"4 callers, {label} #{i + 1}", _sidecar_figures(row)))
+    return rows
+
+
+def _sidecar_figures(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "first_p50": row["ttft_p50_ms"],
+        "first_p99": row["ttft_p99_ms"],
+        "gap_p50": row["itl_p50_ms"],
+        "gap_p99": row["itl_p99_ms"],
+        "tpot_p50": row["tpot_p50_ms"],
+        "tokens_per_s": row["tokens_per_s"],
+        "errors": row["errors"],
+    }
+
+
+def _generation_title(gen: dict[str, Any]) -> str:
+    model = gen["model"]
+    return (
+        f"generation: random GPT-2, {model['layers']} layers x {model['width']}, vocab "
+        f"{model['vocab']}; {gen['prompt_tokens']}-token prompts, {gen['new_tokens']} new "
+        "tokens, greedy (in-process: TTFT = prefill, ITL = decode step)"
+    )
+
+
+def generation_table(gen: dict[str, Any]) -> str:
+    """The generation runs as a fixed-width text table, ms and output tokens/s."""
+    head = f"{'scenario':<24}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
+    head += f"{'TPOT p50':>10}{'tokens/s':>10}  errors"
+    lines = [_generation_title(gen), head, "-" * len(head)]
+    for name, f in _generation_rows(gen):
+        lines.append(
+            f"{name:<24}{f['first_p50']:>10.2f}{f['first_p99']:>10.2f}{f['gap_p50']:>9.2f}"
+            f"{f['gap_p99']:>9.2f}{f['tpot_p50']:>10.2f}{f['tokens_per_s']:>10.1f}  "
+            f"{sum(f['errors'].values()) or ''}"
+        )
     return "\n".join(lines)
 
 
@@ -63,18 +128,49 @@ def write(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "bench.md").write_text(markdown(results))
-    chart(out / "bench.png", results)
+    if "scenarios" in results:  # the chart is of the embedding scenarios
+        chart(out / "bench.png", results)
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The scenario and ratio tables as Markdown, for docs that quote a run."""
+    lines = [
+        f"{results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"device {results['device']}",
+    ]
+    if "scenarios" in results:
+        lines += ["", *_embedding_markdown(results)]
+    if "generation" in results:
+        lines += ["", *_generation_markdown(results["generation"])]
+    lines += ["", "| ratio | measured | target | |", "|---|---|---|---|"]
+    for r in results["ratios"]:
+        verdict = "" if r["target"] == "report" else ("met" if r["met"] else "missed")
+        target = "" if r["target"] == "report" else r["target"]
+        lines.append(f"| {r['name']} | {r['value']:.3f} | {target} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _generation_markdown(gen: dict[str, Any]) -> list[str]:
+    lines = [
+        _generation_title(gen),
+        "",
+        "| generation | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT p50 ms "
+        "| tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, f in _generation_rows(gen):
+        lines.append(
+            f"| {name} | {f['first_p50']:.1f} | {f['first_p99']:.1f} | {f['gap_p50']:.2f} | "
+            f"{f['gap_p99']:.2f} | {f['tpot_p50']:.2f} | {f['tokens_per_s']:.1f} |"
+        )
+    return lines
+
+
+def _embedding_markdown(results: dict[str, Any]) -> list[str]:
     ceiling = results["ceiling"]
     sizes = " / ".join(f"{v:.1f} (batch {k})" for k, v in ceiling["by_batch_size"].items())
     paired = results.get("paired", [])
     lines = [
-        f"{results['machine']['cpu']}, {results['machine']['cores']} cores, "
-        f"device {results['device']}",
-        "",
         "| scenario | texts/s | p50 ms | p95 ms | p99 ms |",
         "|---|---|---|---|---|",
         f"| ceiling, in process, length-sorted | {sizes} | | | |",
@@ -98,12 +194,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| int8 round: fp32 / int8 sidecar, 16 callers | {turn['fp32']:.1f} / "
             f"{turn['int8']:.1f} | | | |"
         )
-    lines += ["", "| ratio | measured | target | |", "|---|---|---|---|"]
-    for r in results["ratios"]:
-        verdict = "" if r["target"] == "report" else ("met" if r["met"] else "missed")
-        target = "" if r["target"] == "report" else r["target"]
-        lines.append(f"| {r['name']} | {r['value']:.3f} | {target} | {verdict} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def chart(path: Path, results: dict[str, Any]) -> None:
