@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
@@ -46,8 +47,10 @@ class Generation:
         try:
             with self._admit():
                 async with asyncio.timeout_at(self._deadline):
-                    async for chunk in self._steps():
-                        yield chunk
+                    # aclosing: a caller that leaves cancels the pending step at once.
+                    async with contextlib.aclosing(self._steps()) as steps:
+                        async for chunk in steps:
+                            yield chunk
         except TimeoutError:
             made = len(self._sequence.generated) if self._sequence else 0
             raise DeadlineExceededError(

@@ -7,11 +7,15 @@ generation prompt appended so the model answers as the assistant.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sidecar.domain import ChatMessage
@@ -32,13 +36,33 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now(UTC).strftime(fmt)
 
 
+def _tojson(value: Any, indent: int | None = None) -> str:
+    # transformers' tojson: not HTML-escaped, non-ASCII kept, so prompts match its rendering.
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks assistant text with it;
+    rendering only needs the text inside."""
+
+    tags = {"generation"}  # noqa: RUF012  # jinja2 declares it a plain set
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
 class ChatTemplate:
     """A compiled chat template and the special tokens it may refer to."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
         env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols", _GenerationBlock],
         )
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         try:

@@ -21,6 +21,7 @@ from sidecar.models.manifest import GenerationDefaults
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 Logits = npt.NDArray[np.float32]
+Scores = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ class Sampler:
     def choose(self, logits: Logits, context: Sequence[int], generated: int) -> int:
         """The next token after `context` (the ids the decoder has seen), `generated` so far."""
         p = self.params
-        scores = logits.astype(np.float32, copy=True)
+        # float64, so a tiny temperature or penalty scales scores without overflowing; a NaN
+        # from the model (an fp16 overflow) can never be chosen.
+        scores = np.nan_to_num(logits.astype(np.float64), nan=-np.inf)
         if p.repetition_penalty != 1.0 and len(context):
             seen = np.unique(np.asarray(context, dtype=np.int64))
             values = scores[seen]
@@ -124,7 +127,9 @@ class Sampler:
         if generated < p.min_new_tokens and p.eos_token_ids:
             scores[list(p.eos_token_ids)] = -np.inf
         forced = None
-        if generated == 0 and p.forced_bos_token_id is not None:
+        # As transformers: BOS is forced only when the decoder has seen a single token (a
+        # seq2seq start token, or a one-token prompt).
+        if len(context) == 1 and generated == 0 and p.forced_bos_token_id is not None:
             forced = p.forced_bos_token_id
         elif generated == p.max_new_tokens - 1 and p.forced_eos_token_id is not None:
             forced = p.forced_eos_token_id
@@ -134,10 +139,10 @@ class Sampler:
             return int(np.argmax(scores))
         return self._sample(scores)
 
-    def _sample(self, scores: Logits) -> int:
+    def _sample(self, scores: Scores) -> int:
         p = self.params
         if p.temperature != 1.0:
-            scores = scores / np.float32(p.temperature)
+            scores = scores / p.temperature
         if 0 < p.top_k < scores.shape[-1]:
             kth = np.partition(scores, -p.top_k)[-p.top_k]
             scores = np.where(scores < kth, -np.inf, scores)
@@ -154,8 +159,13 @@ class Sampler:
         return int(self._rng.choice(len(probs), p=probs))
 
 
-def _softmax(scores: Logits) -> npt.NDArray[np.float64]:
-    shifted = scores.astype(np.float64) - np.max(scores)
-    weights = np.exp(shifted)
-    result: npt.NDArray[np.float64] = weights / weights.sum()
+def _softmax(scores: Scores) -> Scores:
+    top = np.max(scores)
+    if np.isposinf(top):  # scaled past float64: the infinite scores share all the mass
+        weights = (scores == top).astype(np.float64)
+    elif np.isneginf(top):  # every token ruled out: none is preferred
+        weights = np.ones_like(scores)
+    else:
+        weights = np.exp(scores - top)
+    result: Scores = weights / weights.sum()
     return result

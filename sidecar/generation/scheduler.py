@@ -18,6 +18,9 @@ import time
 from collections import deque
 from concurrent.futures import Executor
 
+import numpy as np
+import numpy.typing as npt
+
 from sidecar.domain import GenerateChunk
 from sidecar.errors import ModelNotReadyError
 from sidecar.generation.sequence import Sequence
@@ -47,6 +50,7 @@ class DecodeScheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
         self._prefilled_last = False
+        self._running: list[tuple[Sequence, asyncio.Future[GenerateChunk]]] = []
         self.steps = 0  # sequence steps run (a batched run of n sequences counts n)
 
     def advance(self, sequence: Sequence) -> asyncio.Future[GenerateChunk]:
@@ -67,22 +71,25 @@ class DecodeScheduler:
             self._wake.clear()
             while self._waiting:
                 async with self._slots:
-                    batch = self._take()
+                    batch = self._running = self._take()
                     if not batch:
                         break
                     try:
-                        chunks = await loop.run_in_executor(
+                        results = await loop.run_in_executor(
                             self._pool, self._job, [s for s, _ in batch]
                         )
                     except Exception as exc:
                         log.exception("decode step of model %s failed", self._name)
-                        for _, future in batch:
-                            if not future.done():
-                                future.set_exception(exc)
+                        results = [exc] * len(batch)
+                    finally:
+                        self._running = []
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
                         continue
-                for (_, future), chunk in zip(batch, chunks, strict=True):
-                    if not future.done():
-                        future.set_result(chunk)
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
 
     def _take(self) -> list[tuple[Sequence, asyncio.Future[GenerateChunk]]]:
         """The next job: one prefill, or up to max_batch steps, in turns; [] if none waits."""
@@ -98,9 +105,12 @@ class DecodeScheduler:
         self._waiting = deque(entry for entry in live if id(entry) not in taken)
         return batch
 
-    def _job(self, sequences: list[Sequence]) -> list[GenerateChunk]:
-        """On a model thread: prefill new sequences, and one shared step for the others."""
-        chunks: dict[int, GenerateChunk] = {}
+    def _job(self, sequences: list[Sequence]) -> list[GenerateChunk | Exception]:
+        """On a model thread: prefill new sequences, and one shared step for the others.
+
+        A sequence whose token choice fails gets its own error; the others go on.
+        """
+        chunks: dict[int, GenerateChunk | Exception] = {}
         for index, sequence in enumerate(sequences):
             if sequence.cache is None:
                 t0 = sequence.started_ns = time.perf_counter_ns()
@@ -108,7 +118,7 @@ class DecodeScheduler:
                 sequence.inference_us += (time.perf_counter_ns() - t0) // 1000
                 sequence.steps += 1
                 sequence.batch_size = max(sequence.batch_size, 1)
-                chunks[index] = sequence.advance(logits)
+                chunks[index] = _advance(sequence, logits)
         running = [i for i in range(len(sequences)) if i not in chunks]
         if running:
             t0 = time.perf_counter_ns()
@@ -122,21 +132,29 @@ class DecodeScheduler:
                 sequence.inference_us += spent
                 sequence.steps += 1
                 sequence.batch_size = max(sequence.batch_size, len(running))
-                chunks[index] = sequence.advance(rows[row])
+                chunks[index] = _advance(sequence, rows[row])
         self.steps += len(sequences)
         return [chunks[i] for i in range(len(sequences))]
 
     async def close(self) -> None:
-        """Refuse new steps and fail the waiting ones."""
+        """Refuse new steps and fail the waiting and running ones."""
         self._closed = True
-        while self._waiting:
-            _, future = self._waiting.popleft()
+        for _, future in [*self._waiting, *self._running]:
             if not future.done():
                 future.set_exception(
                     ModelNotReadyError(f"model {self._name!r} stopped; retry on another instance")
                 )
+        self._waiting.clear()
         self._wake.set()
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+
+
+def _advance(sequence: Sequence, logits: npt.NDArray[np.float32]) -> GenerateChunk | Exception:
+    try:
+        return sequence.advance(logits)
+    except Exception as exc:  # this sequence's failure, not its batch's
+        log.exception("choosing the next token failed")
+        return exc

@@ -95,6 +95,7 @@ class _StreamCall:
     def finish(self, item_id: str, task: asyncio.Task[pb.StreamResponse]) -> None:
         # A done callback sees every ending, including a task cancelled before it started.
         del self.running[item_id]
+        self.stopping.discard(item_id)
         if task.cancelled():
             self.error(item_id, _cancelled(item_id), True)
         elif (exc := task.exception()) is not None:
@@ -127,8 +128,6 @@ class _StreamCall:
                 raise  # the stream itself is ending
             last = to_proto.generate(generation.cancelled())
             return pb.StreamResponse(id=item_id, generate=last)
-        finally:
-            self.stopping.discard(item_id)
         raise AssertionError("a generation ended without a last chunk")  # pragma: no cover
 
     def cancel(self, item_id: str) -> None:

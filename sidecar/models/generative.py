@@ -108,9 +108,11 @@ class GenerativeModel(LoadedModel):
             kept = self.encoder.encode_each([text], truncate=True)[0].ids.tolist()
             return Prompt(kept, len(ids) - len(kept))
         keep = max(limit, self.context // 2)
+        if len(ids) <= keep:  # max_new_tokens is large, but the prompt fits in half
+            return Prompt(ids)
         bos = self.defaults.bos_token_id
         head = ids[:1] if bos is not None and ids[0] == bos else []
-        kept = head + ids[len(ids) - (keep - len(head)) :]
+        kept = head + ids[len(ids) - keep + len(head) :]
         return Prompt(kept, len(ids) - len(kept))
 
     def sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:

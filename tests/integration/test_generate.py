@@ -335,3 +335,65 @@ async def test_generations_sharing_decode_steps_get_what_each_gets_alone(
     assert [token_ids(r) for r in together] == alone
     if model == "gpt2":  # prompts of different lengths shared left-padded steps
         assert max(r[-1].metadata.batch_size for r in together) > 1
+
+
+async def test_a_tiny_temperature_samples_what_greedy_picks(stub: InferenceStub) -> None:
+    greedy = token_ids(await generate(stub, model="gpt2", prompt=PROMPTS[0], max_new_tokens=8))
+    cold = await generate(
+        stub, model="gpt2", prompt=PROMPTS[0], max_new_tokens=8, temperature=1e-39, seed=3
+    )
+    assert token_ids(cold) == greedy
+
+
+def test_left_truncation_keeps_one_leading_bos(generator: SidecarServer) -> None:
+    from sidecar.domain import GenerateRequest
+
+    model = generator.registry.resolve("gpt2")
+    bos = model.defaults.bos_token_id  # type: ignore[attr-defined]
+    assert bos is not None
+    # Over the room max_new_tokens leaves (128 - 100), under half the context: kept whole.
+    short = "<|endoftext|>"
+    while len(model.tokenizer.encode(short).ids) < 40:  # type: ignore[attr-defined]
+        short += " refund"
+    prompt = model.prompt(GenerateRequest(model="gpt2", prompt=short), 100)  # type: ignore[attr-defined]
+    assert (prompt.ids[:2].count(bos), prompt.truncated_tokens) == (1, 0)
+    long_text = "<|endoftext|>" + " refund" * 300
+    whole = len(model.tokenizer.encode(long_text).ids)  # type: ignore[attr-defined]
+    cut = model.prompt(GenerateRequest(model="gpt2", prompt=long_text), 10)  # type: ignore[attr-defined]
+    assert cut.ids[0] == bos
+    assert cut.ids[1] != bos
+    assert len(cut.ids) == 128 - 10
+    assert cut.truncated_tokens == whole - len(cut.ids)
+
+
+async def test_closing_a_scheduler_fails_the_running_step_instead_of_hanging(
+    gpt2_dir: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sidecar.domain import GenerateRequest
+    from sidecar.errors import ModelNotReadyError
+    from sidecar.generation.sampling import resolve
+    from sidecar.generation.scheduler import DecodeScheduler
+    from sidecar.models.loader import load_model
+    from sidecar.models.manifest import read_manifest
+
+    model = load_model("gpt2", gpt2_dir, read_manifest(gpt2_dir), "cpu", 1)
+    request = GenerateRequest(model="gpt2", prompt=" refund" * 60)
+    with ThreadPoolExecutor(1) as pool:
+        scheduler = DecodeScheduler("gpt2", model.decoder, pool, asyncio.Semaphore(1), 8)  # type: ignore[attr-defined]
+        sequence = model.sequence(  # type: ignore[attr-defined]
+            model.prompt(request, 8),
+            resolve(request, model.defaults),  # type: ignore[attr-defined]
+        )
+        future = scheduler.advance(sequence)
+        for _ in range(1000):  # until the prefill is on the model thread
+            if scheduler._running:
+                break
+            await asyncio.sleep(0)
+        assert scheduler._running
+        await scheduler.close()
+        with pytest.raises(ModelNotReadyError, match="stopped"):
+            await asyncio.wait_for(future, 5)
+        with pytest.raises(ModelNotReadyError, match="shutting down"):
+            scheduler.advance(sequence)

@@ -201,3 +201,39 @@ def test_a_template_that_refuses_a_conversation_is_a_client_error() -> None:
     )
     with pytest.raises(InvalidInputError, match="first turn must be user"):
         strict.render([ChatMessage("assistant", "hi")])
+
+
+def test_extreme_values_never_break_sampling() -> None:
+    scores = logits(3)
+    best = int(np.argmax(scores))
+    # A tiny temperature (or penalty) scales past float32; the choice collapses to the best.
+    tiny = Sampler(params(greedy=False, temperature=1e-39, seed=1))
+    assert {tiny.choose(scores, [2], generated=0) for _ in range(20)} == {best}
+    penalised = Sampler(params(greedy=False, repetition_penalty=1e-30, seed=1))
+    penalised.choose(scores, [best], generated=0)
+    # NaN from the model (an fp16 overflow) is never chosen, greedy or sampled.
+    broken = scores.copy()
+    broken[5] = np.nan
+    assert Sampler(params()).choose(broken, [2], generated=0) != 5
+    assert Sampler(params(greedy=False, seed=2)).choose(broken, [2], generated=0) != 5
+
+
+def test_forced_bos_only_after_a_single_decoder_token() -> None:
+    scores = logits(4)
+    forced = Sampler(params(forced_bos_token_id=5))
+    assert forced.choose(scores, [0], generated=0) == 5  # seq2seq: just the start token
+    assert forced.choose(scores, [0, 9, 9], generated=0) == int(np.argmax(scores))
+
+
+def test_chat_tojson_and_generation_blocks_render_as_transformers() -> None:
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    source = (
+        "{% for m in messages %}{{ m['content'] | tojson }}"
+        "{% generation %}[{{ m['role'] }}]{% endgeneration %}{% endfor %}"
+    )
+    messages = [ChatMessage("user", "it's <b> & é")]
+    expected = _compile_jinja_template(source).render(
+        messages=[{"role": "user", "content": "it's <b> & é"}], add_generation_prompt=True
+    )
+    assert ChatTemplate(source, {}).render(messages) == expected == '"it\'s <b> & é"[user]'
