@@ -112,29 +112,30 @@ class Sampler:
     def choose(self, logits: Logits, context: Sequence[int], generated: int) -> int:
         """The next token after `context` (the ids the decoder has seen), `generated` so far."""
         p = self.params
-        # float64, so a tiny temperature or penalty scales scores without overflowing; a NaN
-        # from the model (an fp16 overflow) can never be chosen.
-        scores = np.nan_to_num(logits.astype(np.float64), nan=-np.inf)
-        if p.repetition_penalty != 1.0 and len(context):
+        # As transformers: BOS is forced only when the decoder has seen a single token (a
+        # seq2seq start token, or a one-token prompt); EOS when one token of room is left.
+        if len(context) == 1 and generated == 0 and p.forced_bos_token_id is not None:
+            return p.forced_bos_token_id
+        if generated == p.max_new_tokens - 1 and p.forced_eos_token_id is not None:
+            return p.forced_eos_token_id
+        if np.isnan(logits).any():  # an fp16 overflow in the model: never choose it
+            logits = np.where(np.isnan(logits), np.float32(-np.inf), logits)
+        penalised = p.repetition_penalty != 1.0 and len(context) > 0
+        early = generated < p.min_new_tokens and bool(p.eos_token_ids)
+        if p.greedy and not (penalised or p.no_repeat_ngram_size or early):
+            return int(np.argmax(logits))  # the common case, once per token: keep it cheap
+        # float64, so a tiny temperature or penalty scales scores without overflowing.
+        scores = logits.astype(np.float64)
+        if penalised:
             seen = np.unique(np.asarray(context, dtype=np.int64))
             values = scores[seen]
             scores[seen] = np.where(
                 values < 0, values * p.repetition_penalty, values / p.repetition_penalty
             )
         if p.no_repeat_ngram_size > 0:
-            banned = _banned_ngram_tokens(context, p.no_repeat_ngram_size)
-            scores[banned] = -np.inf
-        if generated < p.min_new_tokens and p.eos_token_ids:
+            scores[_banned_ngram_tokens(context, p.no_repeat_ngram_size)] = -np.inf
+        if early:
             scores[list(p.eos_token_ids)] = -np.inf
-        forced = None
-        # As transformers: BOS is forced only when the decoder has seen a single token (a
-        # seq2seq start token, or a one-token prompt).
-        if len(context) == 1 and generated == 0 and p.forced_bos_token_id is not None:
-            forced = p.forced_bos_token_id
-        elif generated == p.max_new_tokens - 1 and p.forced_eos_token_id is not None:
-            forced = p.forced_eos_token_id
-        if forced is not None:
-            return forced
         if p.greedy:
             return int(np.argmax(scores))
         return self._sample(scores)

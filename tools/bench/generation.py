@@ -258,7 +258,16 @@ async def _caller(
             window.error(exc.code().name)
             continue
         if not finish:
-            continue  # cut short above: its figures would be partial
+            # Cut short above: its first token and gaps still count, its e2e and TPOT do not.
+            if stamps:
+                window.records.append(
+                    {
+                        "ttft": stamps[0] - began,
+                        "itl": [b - a for a, b in itertools.pairwise(stamps)],
+                        "partial": True,
+                    }
+                )
+            continue
         if tokens != new_tokens:
             # The bench model has no EOS: anything shorter means the server stopped early.
             window.error(f"{tokens} tokens, not {new_tokens}")
@@ -323,15 +332,16 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     """vLLM's figures from one client run; ms, pooled over its finished generations."""
     records = raw["records"]
     itl = [gap for r in records for gap in r["itl"]]
-    tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
+    whole = [r for r in records if not r.get("partial")]
+    tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in whole if r["tokens"] > 1]
     return {
-        "generations": len(records),
+        "generations": len(whole),
         "ttft_p50_ms": percentile_ms([r["ttft"] for r in records], 0.5),
         "ttft_p99_ms": percentile_ms([r["ttft"] for r in records], 0.99),
         "itl_p50_ms": percentile_ms(itl, 0.5),
         "itl_p99_ms": percentile_ms(itl, 0.99),
         "tpot_p50_ms": percentile_ms(tpot, 0.5),
-        "e2e_p50_ms": percentile_ms([r["e2e"] for r in records], 0.5),
+        "e2e_p50_ms": percentile_ms([r["e2e"] for r in whole], 0.5),
         "tokens_per_s": raw["tokens"] / raw["seconds"],
         "errors": raw["errors"],
     }
