@@ -50,7 +50,7 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 test: $(STAMP) lint  ## install, lint, and run the whole test suite
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## sidecar vs in-process ceiling vs naive baseline, int8 (BENCH_ARGS=--quick)
+bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## sidecar vs in-process ceiling, naive baseline, int8, generation TTFT/ITL (BENCH_ARGS=--quick, --only generation)
 	$(PY) -m tools.bench --model-dir $(DEFAULT_MODEL) --out bench-results $(BENCH_ARGS)
 
 coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from launch to SERVING
