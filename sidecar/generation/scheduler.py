@@ -116,7 +116,6 @@ class DecodeScheduler:
                 t0 = sequence.started_ns = time.perf_counter_ns()
                 logits, sequence.cache = self._decoder.prefill(sequence.prompt.ids)
                 sequence.inference_us += (time.perf_counter_ns() - t0) // 1000
-                sequence.steps += 1
                 sequence.batch_size = max(sequence.batch_size, 1)
                 chunks[index] = _advance(sequence, logits)
         running = [i for i in range(len(sequences)) if i not in chunks]
@@ -130,7 +129,6 @@ class DecodeScheduler:
                 sequence = sequences[index]
                 sequence.cache = caches[row]
                 sequence.inference_us += spent
-                sequence.steps += 1
                 sequence.batch_size = max(sequence.batch_size, len(running))
                 chunks[index] = _advance(sequence, rows[row])
         self.steps += len(sequences)

@@ -45,7 +45,6 @@ class Sequence:
         self.cache: Cache | None = None
         self.finish: FinishReason | None = None
         self.inference_us = 0
-        self.steps = 0  # forward passes this sequence took part in
         self.batch_size = 0  # most sequences that shared one of those passes
         self.started_ns = 0  # perf_counter_ns when its prefill began
 

@@ -117,9 +117,8 @@ class GenerativeModel(LoadedModel):
 
     def sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
         """A new generation from this prompt."""
+        # The loader refuses a seq2seq dir without a decoder start token.
         start = self.defaults.decoder_start_token_id if self.seq2seq else None
-        if self.seq2seq and start is None:
-            start = self.defaults.bos_token_id
         return Sequence(prompt, params, self.tokenizer, self.context, start)
 
     def warm_up(self) -> None:
