@@ -17,7 +17,7 @@ from sidecar.errors import ChecksumMismatchError, ModelLoadError
 MANIFEST = "manifest.json"
 # Bumped only when a reader of the old format would misread the new one.
 # 2: `quantization` may be an object (mode, settings, quality) instead of a string.
-# 3: generation tasks, torch `weights`, and dirs without an ONNX graph (`onnx_file` empty).
+# 3: tasks beyond embed and classify, torch `weights`, dirs without an ONNX graph.
 FORMAT_VERSION = 3
 _CHUNK = 1 << 20
 
@@ -31,6 +31,12 @@ class Task(StrEnum):
     GENERATE = "text-generation"
     # Encoder-decoder models (BART, T5, ...): Generate, typically summarization.
     SEQ2SEQ = "text2text-generation"
+    # Token classification (named entities): ExtractEntities.
+    EXTRACT_ENTITIES = "token-classification"
+    # Cross-encoders scoring (query, passage) pairs: Rerank.
+    RERANK = "text-ranking"
+    # NLI models used for zero-shot classification: Classify with candidate_labels.
+    ZERO_SHOT = "zero-shot-classification"
 
     @property
     def generative(self) -> bool:
@@ -147,7 +153,10 @@ def format_version(manifest: dict[str, Any]) -> int:
     """The oldest format that holds a manifest (as written): older sidecars still read it."""
     # So sidecars that predate a feature still read dirs that do not use it, and refuse the
     # ones that do with "upgrade the sidecar" instead of misreading them.
-    if Task(manifest["task"]).generative or manifest.get("weights") or not manifest["onnx_file"]:
+    task = Task(manifest["task"])
+    if task not in (Task.EMBED, Task.CLASSIFY) or manifest.get("weights"):
+        return 3
+    if not manifest["onnx_file"]:
         return 3
     return 1 if isinstance(manifest.get("quantization") or "none", str) else 2
 
