@@ -11,6 +11,7 @@ from typing import Any
 from export import generation
 from sidecar.errors import ExportError
 from sidecar.models.manifest import Pooling, Task
+from sidecar.tasks import pairs
 from sidecar.tasks.embed import POOLING_MODES
 
 # sentence-transformers Pooling flags -> the sidecar's pooling mode names.
@@ -27,6 +28,8 @@ _NO_LIMIT = 1_000_000
 _POSITIONS = ("max_position_embeddings", "n_positions", "n_ctx")
 # T5-style relative positions put no limit in the config; T5 was trained on 512 tokens.
 _RELATIVE_DEFAULT = 512
+# NLI models name their labels entailment / neutral / contradiction (some "ENTAILMENT",
+# "entails"); zero-shot classification reads the entailment logit.
 
 
 @dataclass(frozen=True)
@@ -76,14 +79,49 @@ def _pooling(
     return Pooling(mode=mode, normalize=normalize)
 
 
+def _cross_encoder(path: Path, config: dict[str, Any]) -> bool:
+    """Whether sentence-transformers saved the checkpoint as a CrossEncoder (a pair scorer)."""
+    # sentence-transformers 5 writes modules.json plus config_sentence_transformers.json with
+    # model_type CrossEncoder; 4.x put {"activation_fn": ...} under config.json's
+    # "sentence_transformers"; older versions "sbert_ce_default_activation_function".
+    if _json(path / "config_sentence_transformers.json").get("model_type") == "CrossEncoder":
+        return True
+    return isinstance(config.get("sentence_transformers"), dict) or bool(
+        config.get("sbert_ce_default_activation_function")
+    )
+
+
+def _labels(config: dict[str, Any]) -> tuple[str, ...]:
+    """id2label's names in id order; () when the config has none."""
+    id2label = config.get("id2label") or {}
+    return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+
+
+def _sequence_task(config: dict[str, Any]) -> Task:
+    labels = _labels(config)
+    if pairs.entailment_id(labels) >= 0:
+        return Task.ZERO_SHOT
+    # transformers writes id2label, not num_labels, to config.json; one output is a score.
+    if (config.get("num_labels") or len(labels)) == 1:
+        return Task.RERANK
+    return Task.CLASSIFY
+
+
 def detect_task(path: Path) -> Task:
-    """feature-extraction for sentence-transformers and bare encoders, else by architecture."""
-    if _st_modules(path):
-        return Task.EMBED
+    """feature-extraction for sentence-transformers and bare encoders, else by architecture.
+
+    Sequence classifiers split three ways: an entailment label makes an NLI model (zero-shot),
+    a single output a cross-encoder (rerank), anything else a classifier.
+    """
     config = _json(path / "config.json")
+    # A sentence-transformers 5 CrossEncoder also has modules.json: it is not an embedder.
+    if _st_modules(path) and not _cross_encoder(path, config):
+        return Task.EMBED
     architectures = config.get("architectures") or []
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return Task.EXTRACT_ENTITIES
     if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return Task.CLASSIFY
+        return _sequence_task(config)
     # Before the bare-encoder rule: GPT2LMHeadModel also ends in "Model".
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return Task.GENERATE
@@ -138,12 +176,27 @@ def inspect(
             pooling=_pooling(path, modules, pooling, normalize),
             sentence_transformers=bool(modules),
         )
-    id2label = config.get("id2label") or {}
-    if not id2label:
+    labels = _labels(config)
+    if not labels:
         raise ExportError(f"{path}/config.json has no id2label: a classifier needs label names")
-    labels = tuple(id2label[k] for k in sorted(id2label, key=int))
-    multi = config.get("problem_type") == "multi_label_classification"
+    _check_labels(path, task, labels)
+    # Only a text classifier can be multi-label; the other tasks read logits their own way.
+    multi = task is Task.CLASSIFY and config.get("problem_type") == "multi_label_classification"
     return CheckpointInfo(task=task, max_length=limit, labels=labels, multi_label=multi)
+
+
+def _check_labels(path: Path, task: Task, labels: tuple[str, ...]) -> None:
+    """Refuse a forced --task the checkpoint's outputs cannot serve."""
+    if task is Task.ZERO_SHOT and pairs.entailment_id(labels) < 0:
+        raise ExportError(
+            f"{path} has no entailment label (labels {list(labels)}): zero-shot classification "
+            "needs an NLI model whose labels include one starting with 'entail'"
+        )
+    if task is Task.RERANK and len(labels) != 1:
+        raise ExportError(
+            f"{path} has {len(labels)} outputs (labels {list(labels)}): reranking needs a "
+            "cross-encoder with a single relevance score (num_labels 1)"
+        )
 
 
 def _positions(config: dict[str, Any]) -> int | None:

@@ -13,6 +13,11 @@ from sidecar.models.manifest import Task
 OPTIMUM_TASKS = {
     Task.EMBED: "feature-extraction",
     Task.CLASSIFY: "text-classification",
+    Task.EXTRACT_ENTITIES: "token-classification",
+    # Cross-encoders and NLI models are sequence classifiers fed a pair of texts: the graph is
+    # the same, only the tokenizer's input differs.
+    Task.RERANK: "text-classification",
+    Task.ZERO_SHOT: "text-classification",
     Task.GENERATE: "text-generation-with-past",
     Task.SEQ2SEQ: "text2text-generation-with-past",
 }
@@ -21,6 +26,9 @@ OPTIMUM_TASKS = {
 SERVED = {
     Task.EMBED: ("model.onnx", ""),
     Task.CLASSIFY: ("model.onnx", ""),
+    Task.EXTRACT_ENTITIES: ("model.onnx", ""),
+    Task.RERANK: ("model.onnx", ""),
+    Task.ZERO_SHOT: ("model.onnx", ""),
     Task.GENERATE: ("model.onnx", ""),
     Task.SEQ2SEQ: ("decoder_model_merged.onnx", "encoder_model.onnx"),
 }

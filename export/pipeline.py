@@ -91,7 +91,9 @@ def _plan(
     backend: str, src: Path, info: CheckpointInfo, int8: bool, progress: Progress
 ) -> tuple[bool, bool]:
     """Whether the dir gets an ONNX graph and whether it gets the torch backend's weights."""
-    if int8 and info.task.generative:
+    # export/quality.py measures embeddings (cosine) and label probabilities (top-1) of single
+    # texts; per-token tags and pair scores have no such measure yet, so int8 is refused.
+    if int8 and info.task not in (Task.EMBED, Task.CLASSIFY):
         raise ExportError(
             f"--quantize int8 covers embedding and classification models only, not "
             f"{info.task.value}: export without --quantize"

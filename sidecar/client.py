@@ -50,6 +50,23 @@ def _tokenize(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) 
     )
 
 
+def _entities(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
+    aggregation = pb.AggregationStrategy.Value(f"AGGREGATION_STRATEGY_{args.aggregation.upper()}")
+    return stub.ExtractEntities(
+        pb.ExtractEntitiesRequest(model=args.model, inputs=args.texts, aggregation=aggregation),
+        timeout=args.timeout,
+    )
+
+
+def _rerank(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
+    return stub.Rerank(
+        pb.RerankRequest(
+            model=args.model, query=args.query, inputs=args.passages, top_n=args.top_n
+        ),
+        timeout=args.timeout,
+    )
+
+
 def _generate(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
     """Print the text as it streams in; return the last message (usage, metadata)."""
     request = pb.GenerateRequest(
@@ -91,6 +108,8 @@ def _call(args: argparse.Namespace) -> int:
                     "classify": _classify,
                     "tokenize": _tokenize,
                     "generate": _generate,
+                    "entities": _entities,
+                    "rerank": _rerank,
                 }
                 _print(calls[args.call](inference_pb2_grpc.InferenceStub(channel), args))
         except grpc.RpcError as exc:
@@ -113,6 +132,15 @@ def add_parser(commands: Any) -> None:
     classify = calls.add_parser("classify", help="classify texts")
     classify.add_argument("texts", nargs="+")
     classify.add_argument("--top-k", type=int, default=0, help="best k labels (0: all)")
+    found = calls.add_parser("entities", help="extract entities from texts")
+    found.add_argument("texts", nargs="+")
+    found.add_argument(
+        "--aggregation", default="simple", choices=["none", "simple", "first", "average", "max"]
+    )
+    rerank = calls.add_parser("rerank", help="rank passages against a query")
+    rerank.add_argument("query")
+    rerank.add_argument("passages", nargs="+")
+    rerank.add_argument("--top-n", type=int, default=0, help="best n passages (0: all)")
     tokenize = calls.add_parser("tokenize", help="tokenize texts")
     tokenize.add_argument("texts", nargs="+")
     generate = calls.add_parser("generate", help="generate text, printed as it streams")

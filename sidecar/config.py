@@ -90,6 +90,7 @@ class Settings:
     max_concurrent_requests: int = _setting(
         512, "calls and Stream items in progress at once; past it RESOURCE_EXHAUSTED at once"
     )
+    max_rerank_passages: int = _setting(128, "passages one Rerank call or Stream item may score")
     max_concurrent_generations: int = _setting(
         8, "Generate calls and items in progress at once; past it RESOURCE_EXHAUSTED at once"
     )
@@ -202,6 +203,7 @@ def _validate(settings: Settings) -> Settings:
         "max_concurrent_requests",
         "max_concurrent_generations",
         "max_decode_batch_size",
+        "max_rerank_passages",
     )
     for name in positive:
         if getattr(settings, name) < 1:
@@ -215,6 +217,11 @@ def _validate(settings: Settings) -> Settings:
         raise ConfigError(
             f"max_queue_size {settings.max_queue_size} is below max_client_batch_size "
             f"{settings.max_client_batch_size}: a full-size call could never be queued"
+        )
+    if settings.max_queue_size < settings.max_rerank_passages:
+        raise ConfigError(
+            f"max_queue_size {settings.max_queue_size} is below max_rerank_passages "
+            f"{settings.max_rerank_passages}: a full Rerank call could never be queued"
         )
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")

@@ -27,11 +27,36 @@ class EmbedRequest:
 
 @dataclass(frozen=True)
 class ClassifyRequest:
-    """Classify `inputs`; top_k 0 means every label."""
+    """Classify `inputs`; top_k 0 means every label. Candidate labels: zero-shot."""
 
     model: str
     inputs: Sequence[str]
     top_k: int = 0
+    truncate: bool = True
+    candidate_labels: Sequence[str] = ()
+    hypothesis_template: str = ""  # "": "This example is {}."
+    multi_label: bool = False
+
+
+@dataclass(frozen=True)
+class ExtractEntitiesRequest:
+    """Find entities in `inputs`, merging word pieces by `aggregation`."""
+
+    model: str
+    inputs: Sequence[str]
+    aggregation: str = "simple"  # none | simple | first | average | max
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    """Score `inputs` (passages) against `query`; top_n 0 means all."""
+
+    model: str
+    query: str
+    inputs: Sequence[str]
+    top_n: int = 0
+    return_text: bool = False
     truncate: bool = True
 
 
@@ -154,6 +179,53 @@ class ClassifyResult:
 
     results: list[Classification]
     multi_label: bool
+    info: CallInfo
+
+
+@dataclass(frozen=True)
+class Entity:
+    """An entity: label, confidence, [start, end) in code points, and the text there."""
+
+    label: str
+    score: float
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class EntityList:
+    """One input's entities, in order of appearance."""
+
+    entities: list[Entity]
+    token_count: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class ExtractEntitiesResult:
+    """Entities in input order."""
+
+    results: list[EntityList]
+    info: CallInfo
+
+
+@dataclass(frozen=True)
+class RankedPassage:
+    """A passage's relevance to the query."""
+
+    index: int
+    score: float
+    raw_score: float
+    text: str
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """Passages, most relevant first."""
+
+    results: list[RankedPassage]
     info: CallInfo
 
 

@@ -202,3 +202,50 @@ def build_starcoder2(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     Starcoder2ForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
     return out
+
+
+# BIO tags of a small named-entity tagger (CoNLL-style entity types).
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-ORG", 4: "I-ORG", 5: "B-LOC", 6: "I-LOC"}
+NLI_LABELS = {0: "contradiction", 1: "neutral", 2: "entailment"}
+
+
+def _build_bert(out: Path, head: str, labels: dict[int, str], seed: int) -> Path:
+    """A 2-layer, 32-wide BERT with the named transformers head class, random weights."""
+    import torch
+    import transformers
+    from transformers import BertConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = BertConfig(
+        vocab_size=train_tokenizer(out),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, head)(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_token_classifier(out: Path, seed: int = 0) -> Path:
+    """A BertForTokenClassification tagging NER_LABELS (BIO): a named-entity extractor."""
+    return _build_bert(out, "BertForTokenClassification", NER_LABELS, seed)
+
+
+def build_cross_encoder(out: Path, seed: int = 0) -> Path:
+    """A BertForSequenceClassification with one output: a cross-encoder reranker scoring
+    (query, passage) pairs, like cross-encoder/ms-marco-MiniLM-L6-v2. sentence-transformers
+    5 marks its own saves with modules.json and config_sentence_transformers.json instead;
+    plain transformers saves, like this one, have only num_labels 1 to go by."""
+    return _build_bert(out, "BertForSequenceClassification", {0: "LABEL_0"}, seed)
+
+
+def build_nli(out: Path, seed: int = 0) -> Path:
+    """A BertForSequenceClassification with NLI_LABELS: an NLI model, as zero-shot
+    classification uses it (premise, "This example is {label}.")."""
+    return _build_bert(out, "BertForSequenceClassification", NLI_LABELS, seed)

@@ -12,7 +12,14 @@ import pytest
 from sidecar.config import ModelSettings, Settings
 from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2_grpc, models_pb2_grpc
-from tests.checkpoints import build_bart, build_classifier, build_gpt2
+from tests.checkpoints import (
+    build_bart,
+    build_classifier,
+    build_cross_encoder,
+    build_gpt2,
+    build_nli,
+    build_token_classifier,
+)
 
 
 def export_quietly(source: Path | str, out: Path, **options: object) -> Path:
@@ -145,3 +152,43 @@ def gpt2_dir(gpt2_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def bart_dir(bart_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny BART exported with --backend both: encoder, merged decoder and weights."""
     return export_quietly(bart_source, tmp_path_factory.mktemp("models") / "bart", backend="both")
+
+
+@pytest.fixture(scope="session")
+def token_classifier_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT token classifier (BIO entity tags) checkpoint."""
+    return build_token_classifier(tmp_path_factory.mktemp("ckpt") / "ner")
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT cross-encoder (one relevance logit) checkpoint."""
+    return build_cross_encoder(tmp_path_factory.mktemp("ckpt") / "reranker")
+
+
+@pytest.fixture(scope="session")
+def nli_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT NLI checkpoint (contradiction, neutral, entailment)."""
+    return build_nli(tmp_path_factory.mktemp("ckpt") / "nli")
+
+
+@pytest.fixture(scope="session")
+def token_classifier_dir(
+    token_classifier_source: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The token classifier exported with --backend both: ONNX graph and safetensors weights."""
+    out = tmp_path_factory.mktemp("models") / "ner"
+    return export_quietly(token_classifier_source, out, backend="both")
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(cross_encoder_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cross-encoder exported with --backend both: ONNX graph and safetensors weights."""
+    out = tmp_path_factory.mktemp("models") / "reranker"
+    return export_quietly(cross_encoder_source, out, backend="both")
+
+
+@pytest.fixture(scope="session")
+def nli_dir(nli_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The NLI model exported with --backend both: ONNX graph and safetensors weights."""
+    return export_quietly(nli_source, tmp_path_factory.mktemp("models") / "nli", backend="both")

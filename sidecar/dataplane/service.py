@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 
@@ -13,21 +13,26 @@ from sidecar.config import Settings
 from sidecar.dataplane.admission import Admission
 from sidecar.dataplane.generation import Generation, Generations
 from sidecar.dataplane.registry import ModelRegistry
-from sidecar.dataplane.validation import check_inputs, check_non_negative
+from sidecar.dataplane.validation import check_candidates, check_inputs, check_non_negative
 from sidecar.domain import (
     CallInfo,
     ClassifyRequest,
     ClassifyResult,
     EmbedRequest,
     EmbedResult,
+    ExtractEntitiesRequest,
+    ExtractEntitiesResult,
     GenerateRequest,
+    RerankRequest,
+    RerankResult,
     TokenizeRequest,
     TokenizeResult,
 )
-from sidecar.errors import DeadlineExceededError, OverloadedError
+from sidecar.errors import DeadlineExceededError, InvalidInputError, OverloadedError
 from sidecar.models.generative import GenerativeModel
 from sidecar.models.manifest import Task
 from sidecar.models.served import ServedModel
+from sidecar.tasks import entities, pairs
 from sidecar.tasks.tokenization import EncodedText
 
 
@@ -94,13 +99,15 @@ class DataPlane:
             self._requests -= 1
 
     async def _batched(
-        self, model: ServedModel, inputs: Sequence[str], truncate: bool, deadline: float | None
+        self,
+        model: ServedModel,
+        count: int,
+        prepare: Callable[[], Sequence[EncodedText]],
+        deadline: float | None,
     ) -> tuple[JobOutput[EncodedText], CallInfo]:
-        """Queue a call's inputs on the model's batcher and time the call."""
+        """Queue a call's `count` inputs (encoded by `prepare`) on the model's batcher."""
         with self._counted():
-            job = await self.batcher(model).submit(
-                len(inputs), lambda: model.encode(inputs, truncate), deadline
-            )
+            job = await self.batcher(model).submit(count, prepare, deadline)
         info = model.call_info()
         info.queue_us, info.tokenize_us = job.queue_us, job.tokenize_us
         info.inference_us, info.postprocess_us = job.inference_us, job.postprocess_us
@@ -112,7 +119,12 @@ class DataPlane:
         check_inputs(request.inputs, self.settings.max_client_batch_size)
         model = self.registry.resolve(request.model, Task.EMBED, "Embed")
         assert isinstance(model, ServedModel)  # the registry checked the task
-        job, info = await self._batched(model, request.inputs, request.truncate, deadline)
+        job, info = await self._batched(
+            model,
+            len(request.inputs),
+            lambda: model.encode(request.inputs, request.truncate),
+            deadline,
+        )
         return model.embed_result(job.rows, job.inputs, request.normalize, info)
 
     async def classify(
@@ -121,10 +133,89 @@ class DataPlane:
         """Label probabilities for a batch of texts."""
         check_inputs(request.inputs, self.settings.max_client_batch_size)
         check_non_negative("top_k", request.top_k)
-        model = self.registry.resolve(request.model, Task.CLASSIFY, "Classify")
+        model = self.registry.resolve(request.model, (Task.CLASSIFY, Task.ZERO_SHOT), "Classify")
         assert isinstance(model, ServedModel)
-        job, info = await self._batched(model, request.inputs, request.truncate, deadline)
+        if model.task is Task.ZERO_SHOT:
+            return await self._zero_shot(model, request, deadline)
+        if request.candidate_labels:
+            raise InvalidInputError(
+                f"model {model.name!r} has fixed labels; candidate_labels need a zero-shot "
+                "(NLI) model"
+            )
+        job, info = await self._batched(
+            model,
+            len(request.inputs),
+            lambda: model.encode(request.inputs, request.truncate),
+            deadline,
+        )
         return model.classify_result(job.rows, job.inputs, request.top_k, info)
+
+    async def _zero_shot(
+        self, model: ServedModel, request: ClassifyRequest, deadline: float | None
+    ) -> ClassifyResult:
+        """Every input against every candidate's hypothesis, as one batch of pairs."""
+        candidates = check_candidates(request.candidate_labels, model.name)
+        hypotheses = pairs.hypotheses(request.hypothesis_template, candidates)
+        count = len(request.inputs) * len(candidates)
+        if count > self.settings.max_queue_size:
+            raise InvalidInputError(
+                f"{len(request.inputs)} inputs x {len(candidates)} candidate labels make "
+                f"{count} pairs, over max_queue_size {self.settings.max_queue_size}: send "
+                "fewer inputs per call"
+            )
+        premise_pairs = [(text, h) for text in request.inputs for h in hypotheses]
+        job, info = await self._batched(
+            model,
+            count,
+            lambda: model.encoder.encode_pairs(premise_pairs, request.truncate, keep="second"),
+            deadline,
+        )
+        return model.zero_shot_result(
+            job.rows, job.inputs, candidates, request.multi_label, request.top_k, info
+        )
+
+    async def extract_entities(
+        self, request: ExtractEntitiesRequest, deadline: float | None = None
+    ) -> ExtractEntitiesResult:
+        """Entities in each of a batch of texts."""
+        check_inputs(request.inputs, self.settings.max_client_batch_size)
+        if request.aggregation not in entities.STRATEGIES:
+            raise InvalidInputError(
+                f"aggregation {request.aggregation!r} is not one of "
+                f"{', '.join(entities.STRATEGIES)}"
+            )
+        model = self.registry.resolve(request.model, Task.EXTRACT_ENTITIES, "ExtractEntities")
+        assert isinstance(model, ServedModel)
+        job, info = await self._batched(
+            model,
+            len(request.inputs),
+            lambda: model.encoder.encode_each(request.inputs, request.truncate, with_offsets=True),
+            deadline,
+        )
+        return model.entities_result(
+            job.rows, job.inputs, request.inputs, request.aggregation, info
+        )
+
+    async def rerank(self, request: RerankRequest, deadline: float | None = None) -> RerankResult:
+        """Passages scored against the query, most relevant first."""
+        if not request.query.strip():
+            raise InvalidInputError("query is empty or whitespace-only: send the search query")
+        check_inputs(
+            request.inputs, self.settings.max_rerank_passages, limit_name="max_rerank_passages"
+        )
+        check_non_negative("top_n", request.top_n)
+        model = self.registry.resolve(request.model, Task.RERANK, "Rerank")
+        assert isinstance(model, ServedModel)
+        query_pairs = [(request.query, passage) for passage in request.inputs]
+        job, info = await self._batched(
+            model,
+            len(query_pairs),
+            lambda: model.encoder.encode_pairs(query_pairs, request.truncate, keep="first"),
+            deadline,
+        )
+        return model.rerank_result(
+            job.rows, job.inputs, request.inputs, request.top_n, request.return_text, info
+        )
 
     async def tokenize(
         self, request: TokenizeRequest, deadline: float | None = None

@@ -9,7 +9,6 @@ from typing import Any
 import grpc
 
 from sidecar.dataplane.service import DataPlane
-from sidecar.errors import NotImplementedYetError
 from sidecar.grpc import to_domain, to_proto
 from sidecar.grpc.status import abort, translates_errors
 from sidecar.grpc.stream import run_stream
@@ -17,13 +16,6 @@ from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _not_yet(rpc: str, what: str) -> NotImplementedYetError:
-    return NotImplementedYetError(
-        f"{rpc} is part of the sidecar.v1 contract but not available in this server version; "
-        f"it needs {what}"
-    )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -60,13 +52,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def ExtractEntities(
         self, request: pb.ExtractEntitiesRequest, context: Context
     ) -> pb.ExtractEntitiesResponse:
-        """Not available yet."""
-        raise _not_yet("ExtractEntities", "a token-classification model export")
+        """Entities in each input."""
+        result = await self._dataplane.extract_entities(
+            to_domain.extract_entities(request), to_domain.deadline(context)
+        )
+        return to_proto.extract_entities(result)
 
     @translates_errors
     async def Rerank(self, request: pb.RerankRequest, context: Context) -> pb.RerankResponse:
-        """Not available yet."""
-        raise _not_yet("Rerank", "a cross-encoder model export")
+        """Passages sorted by relevance to the query."""
+        result = await self._dataplane.rerank(
+            to_domain.rerank(request), to_domain.deadline(context)
+        )
+        return to_proto.rerank(result)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context

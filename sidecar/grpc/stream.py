@@ -61,6 +61,14 @@ async def _dispatch(
     if kind == "tokenize":
         tokens = await dataplane.tokenize(to_domain.tokenize(request.tokenize), deadline)
         return pb.StreamResponse(id=item_id, tokenize=to_proto.tokenize(tokens))
+    if kind == "extract_entities":
+        found = await dataplane.extract_entities(
+            to_domain.extract_entities(request.extract_entities), deadline
+        )
+        return pb.StreamResponse(id=item_id, extract_entities=to_proto.extract_entities(found))
+    if kind == "rerank":
+        ranked = await dataplane.rerank(to_domain.rerank(request.rerank), deadline)
+        return pb.StreamResponse(id=item_id, rerank=to_proto.rerank(ranked))
     raise NotImplementedYetError(f"{kind} items are not available in this server version")
 
 

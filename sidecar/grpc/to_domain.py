@@ -11,7 +11,9 @@ from sidecar.domain import (
     ChatMessage,
     ClassifyRequest,
     EmbedRequest,
+    ExtractEntitiesRequest,
     GenerateRequest,
+    RerankRequest,
     TokenizeRequest,
 )
 from sidecar.v1 import inference_pb2 as pb
@@ -39,6 +41,41 @@ def classify(request: pb.ClassifyRequest) -> ClassifyRequest:
         model=request.model,
         inputs=list(request.inputs),
         top_k=request.top_k,
+        truncate=request.truncate if request.HasField("truncate") else True,
+        candidate_labels=list(request.candidate_labels),
+        hypothesis_template=request.hypothesis_template,
+        multi_label=request.multi_label,
+    )
+
+
+AGGREGATIONS = {
+    pb.AGGREGATION_STRATEGY_UNSPECIFIED: "simple",
+    pb.AGGREGATION_STRATEGY_NONE: "none",
+    pb.AGGREGATION_STRATEGY_SIMPLE: "simple",
+    pb.AGGREGATION_STRATEGY_FIRST: "first",
+    pb.AGGREGATION_STRATEGY_AVERAGE: "average",
+    pb.AGGREGATION_STRATEGY_MAX: "max",
+}
+
+
+def extract_entities(request: pb.ExtractEntitiesRequest) -> ExtractEntitiesRequest:
+    """ExtractEntitiesRequest; an unknown aggregation value is passed on to be refused."""
+    return ExtractEntitiesRequest(
+        model=request.model,
+        inputs=list(request.inputs),
+        aggregation=AGGREGATIONS.get(request.aggregation, f"unknown value {request.aggregation}"),
+        truncate=request.truncate if request.HasField("truncate") else True,
+    )
+
+
+def rerank(request: pb.RerankRequest) -> RerankRequest:
+    """RerankRequest; top_n 0 means every passage."""
+    return RerankRequest(
+        model=request.model,
+        query=request.query,
+        inputs=list(request.inputs),
+        top_n=request.top_n,
+        return_text=request.return_text,
         truncate=request.truncate if request.HasField("truncate") else True,
     )
 

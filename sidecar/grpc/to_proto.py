@@ -6,10 +6,12 @@ from sidecar.domain import (
     CallInfo,
     ClassifyResult,
     EmbedResult,
+    ExtractEntitiesResult,
     FinishReason,
     GenerateChunk,
     ModelState,
     ModelStatus,
+    RerankResult,
     TokenizeResult,
 )
 from sidecar.models.manifest import Task
@@ -21,6 +23,9 @@ TASKS = {
     Task.CLASSIFY: common_pb2.TASK_CLASSIFY,
     Task.GENERATE: common_pb2.TASK_GENERATE,
     Task.SEQ2SEQ: common_pb2.TASK_GENERATE,
+    Task.EXTRACT_ENTITIES: common_pb2.TASK_EXTRACT_ENTITIES,
+    Task.RERANK: common_pb2.TASK_RERANK,
+    Task.ZERO_SHOT: common_pb2.TASK_CLASSIFY,
 }
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -141,3 +146,43 @@ def generate(chunk: GenerateChunk) -> pb.GenerateResponse:
     if chunk.info is not None:
         response.metadata.CopyFrom(metadata(chunk.info))
     return response
+
+
+def extract_entities(result: ExtractEntitiesResult) -> pb.ExtractEntitiesResponse:
+    """ExtractEntitiesResponse with spans in code points."""
+    return pb.ExtractEntitiesResponse(
+        results=[
+            pb.EntityList(
+                entities=[
+                    pb.Entity(
+                        label=e.label,
+                        score=e.score,
+                        span=common_pb2.Span(start=e.start, end=e.end),
+                        text=e.text,
+                    )
+                    for e in item.entities
+                ],
+                token_count=item.token_count,
+                truncated=item.truncated,
+            )
+            for item in result.results
+        ],
+        metadata=metadata(result.info),
+    )
+
+
+def rerank(result: RerankResult) -> pb.RerankResponse:
+    """RerankResponse, most relevant first."""
+    return pb.RerankResponse(
+        results=[
+            pb.RankedPassage(
+                index=r.index,
+                score=r.score,
+                raw_score=r.raw_score,
+                text=r.text,
+                truncated=r.truncated,
+            )
+            for r in result.results
+        ],
+        metadata=metadata(result.info),
+    )

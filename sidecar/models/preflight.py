@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar.errors import ModelLoadError
 from sidecar.models.manifest import Manifest, Task
+from sidecar.tasks import pairs
 
 # Inputs the sidecar knows how to feed from a tokenizer's output.
 FEEDABLE_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
@@ -61,7 +62,17 @@ def preflight(
             f"{model_dir}: the ONNX graph needs inputs {sorted(unknown)} the sidecar cannot "
             f"feed (it feeds {sorted(FEEDABLE_INPUTS)})"
         )
-    if manifest.task is Task.CLASSIFY and not manifest.labels:
-        raise ModelLoadError(f"{model_dir}: a classification model needs labels in its manifest")
+    if manifest.task in (Task.CLASSIFY, Task.EXTRACT_ENTITIES) and not manifest.labels:
+        raise ModelLoadError(f"{model_dir}: a {manifest.task.value} model needs labels")
+    if manifest.task is Task.RERANK and len(manifest.labels) != 1:
+        raise ModelLoadError(
+            f"{model_dir}: a reranker scores each pair with one logit, but this model has "
+            f"{len(manifest.labels)} labels; export a cross-encoder with num_labels=1"
+        )
+    if manifest.task is Task.ZERO_SHOT and pairs.entailment_id(manifest.labels) < 0:
+        raise ModelLoadError(
+            f"{model_dir}: zero-shot classification needs an NLI model with an 'entailment' "
+            f"label; this one has {list(manifest.labels)}"
+        )
     if manifest.task is Task.EMBED and manifest.pooling is None:
         raise ModelLoadError(f"{model_dir}: an embedding model needs pooling in its manifest")

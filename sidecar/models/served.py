@@ -19,11 +19,15 @@ from sidecar.domain import (
     ClassifyResult,
     Embedding,
     EmbedResult,
+    EntityList,
+    ExtractEntitiesResult,
+    RankedPassage,
+    RerankResult,
     TokenizeResult,
 )
 from sidecar.models.manifest import Manifest, Task
 from sidecar.runtime.backend import Backend
-from sidecar.tasks import classify, embed
+from sidecar.tasks import classify, embed, entities, pairs
 from sidecar.tasks.tokenization import EncodedText, TextEncoder
 
 WARM_UP_TEXT = "Warm-up: the sidecar runs one short and one full-length input before serving."
@@ -117,8 +121,16 @@ class ServedModel(LoadedModel):
             assert self.manifest.pooling is not None
             hidden = _output(outputs, "last_hidden_state")
             rows = embed.pool(hidden, batch.attention_mask, self.manifest.pooling.mode)
-        else:
+        elif self.task is Task.CLASSIFY:
             rows = classify.probabilities(_output(outputs, "logits"), self.manifest.multi_label)
+        elif self.task is Task.EXTRACT_ENTITIES:
+            # Label probabilities per token, padded to the model's max length so every
+            # batch's rows have one shape; each input's own tokens are read back by length.
+            probs = entities.softmax(_output(outputs, "logits").astype(np.float32))
+            rows = np.zeros((len(items), self.encoder.max_length, probs.shape[-1]), np.float32)
+            rows[:, : probs.shape[1]] = probs
+        else:  # rerank and zero-shot: the raw logits of each pair
+            rows = _output(outputs, "logits").astype(np.float32)
         return BatchOutput(
             rows=rows,
             inference_us=_us(t0, t1),
@@ -164,6 +176,91 @@ class ServedModel(LoadedModel):
         info.postprocess_us += _us(t0, time.perf_counter_ns())
         return ClassifyResult(results=results, multi_label=self.manifest.multi_label, info=info)
 
+    def entities_result(
+        self,
+        rows: npt.NDArray[np.float32],
+        items: Sequence[EncodedText],
+        texts: Sequence[str],
+        strategy: str,
+        info: CallInfo,
+    ) -> ExtractEntitiesResult:
+        """Entities of each input from its per-token label probabilities."""
+        t0 = time.perf_counter_ns()
+        results = [
+            EntityList(
+                entities=entities.extract(
+                    text,
+                    rows[i][: item.length],
+                    item,
+                    self.manifest.labels,
+                    strategy,
+                    self.encoder.continuing_subword_prefix,
+                    self.encoder.unk_id,
+                ),
+                token_count=item.length,
+                truncated=item.truncated,
+            )
+            for i, (item, text) in enumerate(zip(items, texts, strict=True))
+        ]
+        info.postprocess_us += _us(t0, time.perf_counter_ns())
+        return ExtractEntitiesResult(results=results, info=info)
+
+    def rerank_result(
+        self,
+        rows: npt.NDArray[np.float32],
+        items: Sequence[EncodedText],
+        passages: Sequence[str],
+        top_n: int,
+        return_text: bool,
+        info: CallInfo,
+    ) -> RerankResult:
+        """Passages sorted by relevance (sigmoid of the cross-encoder's logit)."""
+        t0 = time.perf_counter_ns()
+        raw = rows[:, 0]
+        scores = pairs.sigmoid(raw)
+        order = np.argsort(-raw, kind="stable")
+        if top_n:
+            order = order[:top_n]
+        results = [
+            RankedPassage(
+                index=int(i),
+                score=float(scores[i]),
+                raw_score=float(raw[i]),
+                text=passages[i] if return_text else "",
+                truncated=items[i].truncated,
+            )
+            for i in order
+        ]
+        info.postprocess_us += _us(t0, time.perf_counter_ns())
+        return RerankResult(results=results, info=info)
+
+    def zero_shot_result(
+        self,
+        rows: npt.NDArray[np.float32],
+        items: Sequence[EncodedText],
+        candidates: Sequence[str],
+        multi_label: bool,
+        top_k: int,
+        info: CallInfo,
+    ) -> ClassifyResult:
+        """Each input's candidate labels, best first, from its pairs' NLI logits."""
+        t0 = time.perf_counter_ns()
+        entail = pairs.entailment_id(self.manifest.labels)
+        width = len(candidates)
+        results = []
+        for start in range(0, len(items), width):
+            scores = pairs.zero_shot(rows[start : start + width], entail, multi_label)
+            own = items[start : start + width]
+            results.append(
+                Classification(
+                    labels=classify.ranked(scores, candidates, top_k),
+                    token_count=max(item.length for item in own),
+                    truncated=any(item.truncated for item in own),
+                )
+            )
+        info.postprocess_us += _us(t0, time.perf_counter_ns())
+        return ClassifyResult(results=results, multi_label=multi_label or width == 1, info=info)
+
     def _direct(
         self, texts: Sequence[str], truncate: bool
     ) -> tuple[list[EncodedText], BatchOutput, CallInfo]:
@@ -190,8 +287,4 @@ class ServedModel(LoadedModel):
     def warm_up(self) -> None:
         """Run a short and a full-length batch so the first real call pays no allocation cost."""
         long_text = " ".join([WARM_UP_TEXT] * self.encoder.max_length)
-        texts = [WARM_UP_TEXT, long_text]
-        if self.task is Task.EMBED:
-            self.embed(texts, normalize=None, truncate=True)
-        else:
-            self.classify(texts, top_k=1, truncate=True)
+        self.infer(self.encode([WARM_UP_TEXT, long_text], truncate=True))

@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from sidecar.config import parse_device
@@ -125,16 +126,23 @@ class _TorchModel:
 
 
 class TorchBackend(_TorchModel):
-    """An encoder (embed: last_hidden_state, classify: logits) run by PyTorch."""
+    """An encoder run by PyTorch: embed gives last_hidden_state [batch, seq, hidden]; token
+    classification logits [batch, seq, labels]; classify, rerank and zero-shot (sequence
+    classifiers, the latter two fed text pairs) logits [batch, labels]."""
 
     def __init__(self, model_dir: Path, task: Task, device: str, dtype: str = "auto") -> None:
         auto_class: Any
         if task is Task.EMBED:
             auto_class, self._output = AutoModel, "last_hidden_state"
-        elif task is Task.CLASSIFY:
+        elif task is Task.EXTRACT_ENTITIES:
+            auto_class, self._output = AutoModelForTokenClassification, "logits"
+        elif task in (Task.CLASSIFY, Task.RERANK, Task.ZERO_SHOT):
             auto_class, self._output = AutoModelForSequenceClassification, "logits"
         else:
-            raise ModelLoadError(f"TorchBackend runs embed and classify models, not {task}")
+            raise ModelLoadError(
+                "TorchBackend runs encoder models (embed, classify, token classification, rerank, "
+                f"zero-shot), not {task}"
+            )
         super().__init__(auto_class, model_dir, device, dtype)
         self.input_names = tuple(n for n in ENCODER_INPUTS if _accepts(self._model, n))
 

@@ -28,6 +28,11 @@ class EncodedText:
     ids: npt.NDArray[np.int64]
     type_ids: npt.NDArray[np.int64]
     truncated: bool
+    # Entity extraction only: where each token lies in the text (code points), which are
+    # special tokens, and the token strings (word-piece detection).
+    offsets: tuple[tuple[int, int], ...] = ()
+    special: tuple[int, ...] = ()
+    tokens: tuple[str, ...] = ()
 
     @property
     def length(self) -> int:
@@ -73,6 +78,21 @@ def _pad_token(model_dir: Path, tokenizer: Tokenizer) -> int | None:
     return None
 
 
+def _encoded(encoding: Encoding, truncated: bool, with_offsets: bool) -> EncodedText:
+    ids = np.asarray(encoding.ids, dtype=np.int64)
+    types = np.asarray(encoding.type_ids, dtype=np.int64)
+    if not with_offsets:
+        return EncodedText(ids, types, truncated)
+    return EncodedText(
+        ids,
+        types,
+        truncated,
+        offsets=tuple((int(a), int(b)) for a, b in encoding.offsets),
+        special=tuple(encoding.special_tokens_mask),
+        tokens=tuple(encoding.tokens),
+    )
+
+
 class TextEncoder:
     """Turns text into padded id arrays for one model; safe to share across threads."""
 
@@ -87,6 +107,17 @@ class TextEncoder:
         self._cut = Tokenizer.from_file(str(path))
         self._cut.no_padding()
         self._cut.enable_truncation(max_length)
+        # Pairs are cut on one side only: rerank keeps the query, zero-shot the hypothesis.
+        self._pair_cut: dict[str, Tokenizer] = {}
+        for strategy in ("only_first", "only_second"):
+            cut = Tokenizer.from_file(str(path))
+            cut.no_padding()
+            cut.enable_truncation(max_length, strategy=strategy)
+            self._pair_cut[strategy] = cut
+        self.continuing_subword_prefix: str | None = getattr(
+            self._full.model, "continuing_subword_prefix", None
+        )
+        self.unk_id = self._full.token_to_id(str(getattr(self._full.model, "unk_token", "")))
         self.max_length = max_length
         self.vocab_size = self._full.get_vocab_size(with_added_tokens=True)
         self.pad_id = _pad_token(model_dir, self._full)
@@ -108,15 +139,41 @@ class TextEncoder:
                 encodings[index] = self._cut.encode(texts[index])
         return encodings, truncated
 
-    def encode_each(self, texts: Sequence[str], truncate: bool) -> list[EncodedText]:
+    def encode_each(
+        self, texts: Sequence[str], truncate: bool, with_offsets: bool = False
+    ) -> list[EncodedText]:
         """Encode with special tokens, one unpadded input at a time (the batcher pads later)."""
         encodings, truncated = self._encode(texts, truncate)
-        return [
-            EncodedText(
-                np.asarray(e.ids, dtype=np.int64), np.asarray(e.type_ids, dtype=np.int64), cut
-            )
-            for e, cut in zip(encodings, truncated, strict=True)
-        ]
+        return [_encoded(e, cut, with_offsets) for e, cut in zip(encodings, truncated, strict=True)]
+
+    def encode_pairs(
+        self, pairs: Sequence[tuple[str, str]], truncate: bool, keep: str
+    ) -> list[EncodedText]:
+        """Encode (first, second) pairs; an over-long pair loses tokens from the side not kept.
+
+        `keep` is "first" (rerank: the query) or "second" (zero-shot: the hypothesis).
+        """
+        encodings: list[Encoding] = self._full.encode_batch(list(pairs))
+        cutter = self._pair_cut["only_second" if keep == "first" else "only_first"]
+        result = []
+        for index, encoding in enumerate(encodings):
+            over = len(encoding.ids) > self.max_length
+            if over and not truncate:
+                raise InvalidInputError(
+                    f"inputs[{index}] with its pair is {len(encoding.ids)} tokens, over the "
+                    f"model's limit of {self.max_length}: shorten it, or set truncate=true"
+                )
+            if over:
+                try:
+                    encoding = cutter.encode(*pairs[index])
+                except Exception:  # tokenizers raises a bare Exception when the kept side
+                    kept = "query" if keep == "first" else "hypothesis"  # alone is too long
+                    raise InvalidInputError(
+                        f"the {kept} alone is over the model's limit of {self.max_length} "
+                        "tokens: shorten it"
+                    ) from None
+            result.append(_encoded(encoding, over, False))
+        return result
 
     def pad(self, items: Sequence[EncodedText]) -> EncodedBatch:
         """Pad encoded inputs to the longest of them."""

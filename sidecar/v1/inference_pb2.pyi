@@ -247,6 +247,9 @@ class ClassifyRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_LABELS_FIELD_NUMBER: _builtins.int
+    HYPOTHESIS_TEMPLATE_FIELD_NUMBER: _builtins.int
+    MULTI_LABEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name; empty selects the server's default model."""
     top_k: _builtins.int
@@ -255,9 +258,24 @@ class ClassifyRequest(_message.Message):
     """
     truncate: _builtins.bool
     """As EmbedRequest.truncate. Unset: true."""
+    hypothesis_template: _builtins.str
+    """Zero-shot: the hypothesis built for each label; "{}" is replaced by the
+    label. Empty: "This example is {}.".
+    """
+    multi_label: _builtins.bool
+    """Zero-shot: score each label on its own (entailment against contradiction)
+    instead of one distribution over all labels. Unset: false.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Texts to classify, 1 to max_client_batch_size of them, none empty."""
+
+    @_builtins.property
+    def candidate_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Zero-shot classification (NLI models only): the labels to choose from,
+        1 to 64 of them. Each input is scored against every label's hypothesis.
+        Required for a zero-shot model; refused by a fixed-label classifier.
+        """
 
     def __init__(
         self,
@@ -266,13 +284,21 @@ class ClassifyRequest(_message.Message):
         inputs: _abc.Iterable[_builtins.str] | None = ...,
         top_k: _builtins.int = ...,
         truncate: _builtins.bool | None = ...,
+        candidate_labels: _abc.Iterable[_builtins.str] | None = ...,
+        hypothesis_template: _builtins.str = ...,
+        multi_label: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "truncate", b"truncate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_multi_label", b"_multi_label", "_truncate", b"_truncate", "multi_label", b"multi_label", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "inputs", b"inputs", "model", b"model", "top_k", b"top_k", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_multi_label", b"_multi_label", "_truncate", b"_truncate", "candidate_labels", b"candidate_labels", "hypothesis_template", b"hypothesis_template", "inputs", b"inputs", "model", b"model", "multi_label", b"multi_label", "top_k", b"top_k", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__multi_label: _TypeAlias = _typing.Literal["multi_label"]  # noqa: Y015
+    _WhichOneofArgType__multi_label: _TypeAlias = _typing.Literal["_multi_label", b"_multi_label"]  # noqa: Y015
     _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
     _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__multi_label) -> _WhichOneofReturnType__multi_label | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
 
 Global___ClassifyRequest: _TypeAlias = ClassifyRequest  # noqa: Y015
@@ -287,13 +313,13 @@ class LabelScore(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     label: _builtins.str
-    """Label name from the model's id2label."""
+    """Label name from the model's id2label (zero-shot: the candidate label)."""
     score: _builtins.float
     """Probability in [0, 1]: softmax over labels for single-label models,
     an independent sigmoid per label for multi-label models.
     """
     id: _builtins.int
-    """Index of the label in the model's output."""
+    """Index of the label in the model's output (zero-shot: in candidate_labels)."""
     def __init__(
         self,
         *,

@@ -62,7 +62,8 @@ async def test_task_the_model_does_not_do(inference: InferenceStub) -> None:
     await expect(
         inference.Classify(pb.ClassifyRequest(model="minilm", inputs=["x"])),
         grpc.StatusCode.FAILED_PRECONDITION,
-        "model 'minilm' does feature-extraction, but Classify needs a text-classification model",
+        "model 'minilm' does feature-extraction, but Classify needs a text-classification or "
+        "zero-shot-classification model",
         "models that do: triage, moderation",
     )
     await expect(
@@ -112,11 +113,14 @@ async def test_message_over_the_size_limit(inference: InferenceStub) -> None:
         ("Rerank", pb.RerankRequest(query="q", inputs=["x"])),
     ],
 )
-async def test_rpcs_not_yet_available(inference: InferenceStub, rpc: str, request_: object) -> None:
+async def test_task_rpcs_on_an_embedding_model_are_a_wrong_task(
+    inference: InferenceStub, rpc: str, request_: object
+) -> None:
     await expect(
         getattr(inference, rpc)(request_),
-        grpc.StatusCode.UNIMPLEMENTED,
-        f"{rpc} is part of the sidecar.v1 contract",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"but {rpc} needs a",
+        "no served model does",
     )
 
 

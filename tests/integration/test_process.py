@@ -144,6 +144,41 @@ def test_client_generate_streams_text_and_onnx_serving_never_loads_torch(
         process.wait()
 
 
+def test_client_entities_and_rerank_commands(
+    token_classifier_dir: Path, cross_encoder_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    address = f"127.0.0.1:{free_port()}"
+    process = start_sidecar(
+        tmp_path / "serve.log",
+        *("--model", f"ner={token_classifier_dir}", "--model", f"ranker={cross_encoder_dir}"),
+        *("--address", address),
+    )
+    try:
+        wait_serving(address, process)
+
+        def client(*args: str) -> dict[str, object]:
+            done = subprocess.run(
+                [BIN / "sidecar", "client", "--address", address, *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            printed: dict[str, object] = json.loads(done.stdout)
+            return printed
+
+        found = client("--model", "ner", "entities", "Refund for Paris", "--aggregation", "none")
+        assert len(found["results"]) == 1  # type: ignore[arg-type]
+        ranked = client("--model", "ranker", "rerank", "refund", "a", "b", "c", "--top-n", "2")
+        assert len(ranked["results"]) == 2  # type: ignore[arg-type]
+        assert ranked["metadata"]["model"] == "ranker"  # type: ignore[index]
+    finally:
+        process.kill()
+        process.wait()
+
+
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     sidecar_process: tuple[str, subprocess.Popen[bytes]],
 ) -> None:

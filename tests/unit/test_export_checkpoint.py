@@ -17,6 +17,7 @@ from export.progress import Progress
 from export.quantize import fp32_matmuls
 from sidecar.errors import ExportError, ModelLoadError, ValidationError
 from sidecar.models.manifest import GenerationDefaults, Task, format_version, read_manifest
+from sidecar.tasks import pairs
 
 
 def test_minilm_is_a_normalized_mean_pooled_embedder(minilm_source: Path) -> None:
@@ -368,3 +369,114 @@ def test_backend_and_int8_flags_are_checked_first(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="--backend torch has none"):
         pipeline.export_model("missing", tmp_path / "out", backend="torch", quantize="int8")
     assert list(tmp_path.iterdir()) == []
+
+
+BERT = {"model_type": "bert", "max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(
+    ("config", "task"),
+    [
+        (
+            {"architectures": ["BertForTokenClassification"], "id2label": {"0": "O"}},
+            Task.EXTRACT_ENTITIES,
+        ),
+        (
+            {
+                "architectures": ["DebertaV2ForSequenceClassification"],
+                "id2label": {"0": "ENTAILMENT", "1": "NEUTRAL", "2": "CONTRADICTION"},
+            },
+            Task.ZERO_SHOT,
+        ),
+        (
+            {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "LABEL_0"}},
+            Task.RERANK,
+        ),
+        # Older configs spell num_labels out; it wins over a default two-label id2label.
+        (
+            {
+                "architectures": ["BertForSequenceClassification"],
+                "num_labels": 1,
+                "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+            },
+            Task.RERANK,
+        ),
+        (
+            {
+                "architectures": ["BertForSequenceClassification"],
+                "id2label": {"0": "negative", "1": "positive"},
+            },
+            Task.CLASSIFY,
+        ),
+    ],
+)
+def test_encoder_heads_are_detected(tmp_path: Path, config: dict[str, object], task: Task) -> None:
+    assert checkpoint.detect_task(write_config(tmp_path / "c", **BERT, **config)) is task
+
+
+def test_builders_are_detected(
+    token_classifier_source: Path, cross_encoder_source: Path, nli_source: Path
+) -> None:
+    assert checkpoint.detect_task(token_classifier_source) is Task.EXTRACT_ENTITIES
+    assert checkpoint.detect_task(cross_encoder_source) is Task.RERANK
+    assert checkpoint.detect_task(nli_source) is Task.ZERO_SHOT
+
+
+def test_sentence_transformers_cross_encoders_are_not_embedders(tmp_path: Path) -> None:
+    # What sentence-transformers 5's CrossEncoder.save writes beside the transformers files.
+    head = {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "LABEL_0"}}
+    ckpt = write_config(tmp_path / "st5", **BERT, **head)
+    (ckpt / "modules.json").write_text(
+        json.dumps(
+            [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.Transformer"}]
+        )
+    )
+    (ckpt / "config_sentence_transformers.json").write_text(
+        json.dumps({"model_type": "CrossEncoder", "activation_fn": "torch.nn.Sigmoid"})
+    )
+    assert checkpoint.detect_task(ckpt) is Task.RERANK
+    # An NLI cross-encoder (cross-encoder/nli-*) is still an NLI model.
+    nli = {**head, "id2label": {"0": "contradiction", "1": "entailment", "2": "neutral"}}
+    write_config(ckpt, **BERT, **nli)
+    assert checkpoint.detect_task(ckpt) is Task.ZERO_SHOT
+    # sentence-transformers 4 marked the config.json itself, without modules.json.
+    legacy = write_config(
+        tmp_path / "st4", **BERT, **head, sentence_transformers={"activation_fn": "x"}
+    )
+    assert checkpoint.detect_task(legacy) is Task.RERANK
+
+
+def test_encoder_task_labels(
+    token_classifier_source: Path, cross_encoder_source: Path, nli_source: Path
+) -> None:
+    ner = checkpoint.inspect(token_classifier_source, Task.EXTRACT_ENTITIES)
+    assert ner.labels == ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
+    assert (ner.max_length, ner.multi_label) == (64, False)
+    assert checkpoint.inspect(cross_encoder_source, Task.RERANK).labels == ("LABEL_0",)
+    nli = checkpoint.inspect(nli_source, Task.ZERO_SHOT).labels
+    assert nli == ("contradiction", "neutral", "entailment")
+    assert pairs.entailment_id(nli) == 2
+
+
+def test_forced_pair_tasks_need_matching_outputs(classifier_source: Path, nli_source: Path) -> None:
+    with pytest.raises(ExportError, match=r"has no entailment label .* starting with 'entail'"):
+        checkpoint.inspect(classifier_source, Task.ZERO_SHOT)
+    with pytest.raises(ExportError, match=r"has 3 outputs .* single relevance score"):
+        checkpoint.inspect(nli_source, Task.RERANK)
+    # An NLI model may still be served as a plain 3-way classifier of single texts.
+    assert checkpoint.inspect(nli_source, Task.CLASSIFY).labels[2] == "entailment"
+
+
+@pytest.mark.parametrize("task", [Task.EXTRACT_ENTITIES, Task.RERANK, Task.ZERO_SHOT])
+def test_int8_is_refused_for_tasks_without_a_quality_measure(tmp_path: Path, task: Task) -> None:
+    info = checkpoint.CheckpointInfo(task=task, max_length=32, labels=("a",))
+    with pytest.raises(ExportError, match=f"embedding and classification models only, not {task}"):
+        pipeline._plan("onnx", tmp_path, info, True, Progress(5, io.StringIO()))
+
+
+def test_encoder_tasks_export_with_optimum(tmp_path: Path) -> None:
+    bert = write_config(tmp_path / "bert", model_type="bert")
+    for task in (Task.EXTRACT_ENTITIES, Task.RERANK, Task.ZERO_SHOT):
+        assert convert.unsupported(bert, task) is None
+        assert convert.SERVED[task] == ("model.onnx", "")
+    assert convert.OPTIMUM_TASKS[Task.EXTRACT_ENTITIES] == "token-classification"

@@ -142,8 +142,41 @@ def test_missing_dir_is_a_load_error(tmp_path: Path) -> None:
 
 
 def test_generation_tasks_are_not_a_backend(gpt2_source: Path) -> None:
-    with pytest.raises(ModelLoadError, match="runs embed and classify models"):
+    with pytest.raises(ModelLoadError, match=r"runs encoder models \(embed, classify, token"):
         TorchBackend(gpt2_source, Task.GENERATE, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("source", "task", "head"),
+    [
+        ("token_classifier_source", Task.EXTRACT_ENTITIES, "AutoModelForTokenClassification"),
+        ("cross_encoder_source", Task.RERANK, "AutoModelForSequenceClassification"),
+        ("nli_source", Task.ZERO_SHOT, "AutoModelForSequenceClassification"),
+    ],
+)
+def test_encoder_tasks_give_the_transformers_logits(
+    source: str, task: Task, head: str, request: pytest.FixtureRequest
+) -> None:
+    import numpy as np
+    import transformers
+
+    path: Path = request.getfixturevalue(source)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    # Pairs for the pair tasks, as the sidecar feeds them; padded, so the mask matters.
+    texts = ["Refund not received.", "The app crashes when I open the settings page."]
+    batch = tokenizer(texts, texts[::-1], padding=True, return_tensors="np")
+    model = getattr(transformers, head).from_pretrained(path).eval()
+    with torch.inference_mode():
+        expected = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+
+    backend = TorchBackend(path, task, "cpu")
+    logits = backend.run(dict(batch))["logits"]
+    labels = len(model.config.id2label)
+    shape = (
+        (2, batch["input_ids"].shape[1], labels) if task is Task.EXTRACT_ENTITIES else (2, labels)
+    )
+    assert logits.shape == expected.shape == shape
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
 def test_serving_path_does_not_import_torch() -> None:
