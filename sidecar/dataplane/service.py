@@ -137,10 +137,10 @@ class DataPlane:
         assert isinstance(model, ServedModel)
         if model.task is Task.ZERO_SHOT:
             return await self._zero_shot(model, request, deadline)
-        if request.candidate_labels:
+        if request.candidate_labels or request.hypothesis_template or request.multi_label:
             raise InvalidInputError(
-                f"model {model.name!r} has fixed labels; candidate_labels need a zero-shot "
-                "(NLI) model"
+                f"model {model.name!r} has fixed labels; candidate_labels, "
+                "hypothesis_template and multi_label need a zero-shot (NLI) model"
             )
         job, info = await self._batched(
             model,

@@ -25,7 +25,7 @@ TASKS = {
     Task.SEQ2SEQ: common_pb2.TASK_GENERATE,
     Task.EXTRACT_ENTITIES: common_pb2.TASK_EXTRACT_ENTITIES,
     Task.RERANK: common_pb2.TASK_RERANK,
-    Task.ZERO_SHOT: common_pb2.TASK_CLASSIFY,
+    Task.ZERO_SHOT: common_pb2.TASK_ZERO_SHOT,
 }
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,

@@ -110,9 +110,11 @@ def _merge(pieces: list[_Piece]) -> list[_Piece]:
             groups[-1].append(piece)
         else:
             groups.append([piece])
+    # The group is named as the pipeline names it: the label after its first "-"
+    # ("E-PER" and "S-PER" of BIOES schemes too).
     return [
         _Piece(
-            _tag(group[0].label)[1],
+            group[0].label.split("-", 1)[-1],
             float(np.mean([p.score for p in group])),
             group[0].start,
             group[-1].end,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy.typing as npt
 from sidecar.errors import InvalidInputError
 
 DEFAULT_TEMPLATE = "This example is {}."
+MAX_TEMPLATE_CHARS = 1000
 
 
 def sigmoid(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -24,20 +26,28 @@ def entailment_id(labels: Sequence[str]) -> int:
 
 
 def hypotheses(template: str, candidates: Sequence[str]) -> list[str]:
-    """The hypothesis for each candidate label."""
+    """The hypothesis for each candidate label: the template's one plain {} replaced."""
     template = template or DEFAULT_TEMPLATE
-    try:
-        built = [template.format(label) for label in candidates]
-    except (IndexError, KeyError, ValueError) as exc:
+    if len(template) > MAX_TEMPLATE_CHARS:
         raise InvalidInputError(
-            f"hypothesis_template {template!r} is not a template with one {{}} for the label "
-            f"({type(exc).__name__}: {exc})"
-        ) from None
-    if built and built[0] == template:
-        raise InvalidInputError(
-            f"hypothesis_template {template!r} has no {{}} where the label goes"
+            f"hypothesis_template is {len(template)} characters; at most {MAX_TEMPLATE_CHARS}"
         )
-    return built
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as exc:
+        fields = [("invalid", str(exc), None)]
+    # Only a bare {} or {0}: a width or an attribute would let a short request build huge
+    # strings or read the label's attributes.
+    if len(fields) != 1 or fields[0] not in (("", "", None), ("0", "", None)):
+        raise InvalidInputError(
+            f"hypothesis_template {template!r} must hold exactly one {{}} where the label goes "
+            "(no other braces, names, formats or conversions; write {{ and }} for braces)"
+        )
+    return [template.format(label) for label in candidates]
 
 
 def zero_shot(

@@ -59,22 +59,23 @@ class EncodedBatch:
         }
 
 
-def _pad_token(model_dir: Path, tokenizer: Tokenizer) -> int | None:
-    """The pad id as transformers would pick it: tokenizer_config, special_tokens_map, config."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = model_dir / name
+def _special_token(model_dir: Path, tokenizer: Tokenizer, name: str) -> int | None:
+    """A special token's id as transformers would pick it (name: "pad_token", "unk_token"):
+    tokenizer_config, special_tokens_map, then config.json's <name>_id."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / file
         if not path.is_file():
             continue
-        pad = json.loads(path.read_text()).get("pad_token")
-        if isinstance(pad, dict):
-            pad = pad.get("content")
-        if isinstance(pad, str) and (pad_id := tokenizer.token_to_id(pad)) is not None:
-            return int(pad_id)
+        token = json.loads(path.read_text()).get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and (token_id := tokenizer.token_to_id(token)) is not None:
+            return int(token_id)
     config = model_dir / "config.json"
     if config.is_file():
-        pad_id = json.loads(config.read_text()).get("pad_token_id")
-        if isinstance(pad_id, int):
-            return pad_id
+        token_id = json.loads(config.read_text()).get(f"{name}_id")
+        if isinstance(token_id, int):
+            return token_id
     return None
 
 
@@ -117,10 +118,11 @@ class TextEncoder:
         self.continuing_subword_prefix: str | None = getattr(
             self._full.model, "continuing_subword_prefix", None
         )
-        self.unk_id = self._full.token_to_id(str(getattr(self._full.model, "unk_token", "")))
+        # Entity extraction never counts the unknown token as a word piece.
+        self.unk_id = _special_token(model_dir, self._full, "unk_token")
         self.max_length = max_length
         self.vocab_size = self._full.get_vocab_size(with_added_tokens=True)
-        self.pad_id = _pad_token(model_dir, self._full)
+        self.pad_id = _special_token(model_dir, self._full, "pad_token")
 
     def _encode(self, texts: Sequence[str], truncate: bool) -> tuple[list[Encoding], list[bool]]:
         encodings: list[Encoding] = self._full.encode_batch(list(texts))
@@ -167,10 +169,10 @@ class TextEncoder:
                 try:
                     encoding = cutter.encode(*pairs[index])
                 except Exception:  # tokenizers raises a bare Exception when the kept side
-                    kept = "query" if keep == "first" else "hypothesis"  # alone is too long
+                    kept, cut = ("query", "passage") if keep == "first" else ("hypothesis", "text")
                     raise InvalidInputError(
-                        f"the {kept} alone is over the model's limit of {self.max_length} "
-                        "tokens: shorten it"
+                        f"the {kept} leaves no room for the {cut} within the model's limit of "
+                        f"{self.max_length} tokens: shorten the {kept}"
                     ) from None
             result.append(_encoded(encoding, over, False))
         return result

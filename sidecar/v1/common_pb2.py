@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sidecar/v1/common.proto\x12\nsidecar.v1\"\xbd\x01\n\x10ResponseMetadata\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08queue_us\x18\x05 \x01(\x03\x12\x13\n\x0btokenize_us\x18\x06 \x01(\x03\x12\x14\n\x0cinference_us\x18\x07 \x01(\x03\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x16\n\x0epostprocess_us\x18\t \x01(\x03\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05*~\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x12\x11\n\rTASK_CLASSIFY\x10\x02\x12\x19\n\x15TASK_EXTRACT_ENTITIES\x10\x03\x12\x0f\n\x0bTASK_RERANK\x10\x04\x12\x11\n\rTASK_GENERATE\x10\x05\x42\x64\n\x0e\x64\x65v.sidecar.v1B\x0b\x43ommonProtoP\x01ZCgithub.com/transformers-sidecar/sidecar/gen/go/sidecar/v1;sidecarv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sidecar/v1/common.proto\x12\nsidecar.v1\"\xbd\x01\n\x10ResponseMetadata\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08queue_us\x18\x05 \x01(\x03\x12\x13\n\x0btokenize_us\x18\x06 \x01(\x03\x12\x14\n\x0cinference_us\x18\x07 \x01(\x03\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x16\n\x0epostprocess_us\x18\t \x01(\x03\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05*\x92\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_EMBED\x10\x01\x12\x11\n\rTASK_CLASSIFY\x10\x02\x12\x19\n\x15TASK_EXTRACT_ENTITIES\x10\x03\x12\x0f\n\x0bTASK_RERANK\x10\x04\x12\x11\n\rTASK_GENERATE\x10\x05\x12\x12\n\x0eTASK_ZERO_SHOT\x10\x06\x42\x64\n\x0e\x64\x65v.sidecar.v1B\x0b\x43ommonProtoP\x01ZCgithub.com/transformers-sidecar/sidecar/gen/go/sidecar/v1;sidecarv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +32,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar.v1.common_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.sidecar.v1B\013CommonProtoP\001ZCgithub.com/transformers-sidecar/sidecar/gen/go/sidecar/v1;sidecarv1'
-  _globals['_TASK']._serialized_start=267
-  _globals['_TASK']._serialized_end=393
+  _globals['_TASK']._serialized_start=268
+  _globals['_TASK']._serialized_end=414
   _globals['_RESPONSEMETADATA']._serialized_start=40
   _globals['_RESPONSEMETADATA']._serialized_end=229
   _globals['_SPAN']._serialized_start=231

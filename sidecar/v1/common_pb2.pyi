@@ -39,6 +39,8 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     """Cross-encoder relevance scoring (Rerank)."""
     TASK_GENERATE: _Task.ValueType  # 5
     """Text generation and summarization (Generate)."""
+    TASK_ZERO_SHOT: _Task.ValueType  # 6
+    """NLI models for zero-shot classification (Classify with candidate_labels)."""
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """The kind of work a model does. A call that needs another task than the
@@ -57,6 +59,8 @@ TASK_RERANK: Task.ValueType  # 4
 """Cross-encoder relevance scoring (Rerank)."""
 TASK_GENERATE: Task.ValueType  # 5
 """Text generation and summarization (Generate)."""
+TASK_ZERO_SHOT: Task.ValueType  # 6
+"""NLI models for zero-shot classification (Classify with candidate_labels)."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final

@@ -35,9 +35,9 @@ STRATEGIES = {
 
 
 @pytest.fixture(scope="module")
-async def stub(
+async def tasks_channel(
     token_classifier_dir: Path, cross_encoder_dir: Path, nli_dir: Path, classifier_dir: Path
-) -> AsyncIterator[InferenceStub]:
+) -> AsyncIterator[grpc.aio.Channel]:
     models = []
     for backend in ("onnx", "torch"):
         models += [
@@ -53,8 +53,13 @@ async def stub(
     )
     server = await SidecarServer.start(settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield InferenceStub(channel)
+        yield channel
     await server.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def stub(tasks_channel: grpc.aio.Channel) -> InferenceStub:
+    return InferenceStub(tasks_channel)
 
 
 BACKENDS = ["onnx", "torch"]
@@ -178,17 +183,29 @@ async def test_bad_inputs_are_invalid_argument(stub: InferenceStub) -> None:
         ),
         "duplicates",
     )
+    # No {}, a width that would build huge strings, attribute and index access, two fields.
+    for template in ("no", "{:>100000000}", "{0.real}", "{0[x]}", "{} and {}", "{label}"):
+        await expect_invalid(
+            stub.Classify(
+                pb.ClassifyRequest(
+                    model="nli-onnx",
+                    inputs=["x"],
+                    candidate_labels=["a"],
+                    hypothesis_template=template,
+                )
+            ),
+            "must hold exactly one {}",
+        )
+    for fixed in (
+        pb.ClassifyRequest(model="triage", inputs=["x"], candidate_labels=["a"]),
+        pb.ClassifyRequest(model="triage", inputs=["x"], hypothesis_template="It is {}."),
+        pb.ClassifyRequest(model="triage", inputs=["x"], multi_label=True),
+    ):
+        await expect_invalid(stub.Classify(fixed), "fixed labels")
+    long_query = " ".join(["refund"] * 200)
     await expect_invalid(
-        stub.Classify(
-            pb.ClassifyRequest(
-                model="nli-onnx", inputs=["x"], candidate_labels=["a"], hypothesis_template="no"
-            )
-        ),
-        "no {}",
-    )
-    await expect_invalid(
-        stub.Classify(pb.ClassifyRequest(model="triage", inputs=["x"], candidate_labels=["a"])),
-        "fixed labels",
+        stub.Rerank(pb.RerankRequest(model="rerank-onnx", query=long_query, inputs=["p"])),
+        "leaves no room for the passage",
     )
     await expect_invalid(
         stub.Rerank(pb.RerankRequest(model="rerank-onnx", query="q")), "inputs is empty"
@@ -243,3 +260,15 @@ async def test_stream_items_and_concurrent_calls_share_batches(stub: InferenceSt
     for text, call in zip(TEXTS * 4, calls, strict=True):
         assert call.results[0].raw_score == pytest.approx(by_text[TEXTS.index(text)], abs=1e-5)
     assert max(c.metadata.batch_size for c in calls) > 1
+
+
+async def test_models_report_their_tasks(tasks_channel: grpc.aio.Channel) -> None:
+    from sidecar.v1 import common_pb2, models_pb2
+    from sidecar.v1.models_pb2_grpc import ModelsStub
+
+    listed = await ModelsStub(tasks_channel).ListModels(models_pb2.ListModelsRequest())
+    tasks = {m.name: m.task for m in listed.models}
+    assert tasks["ner-onnx"] == common_pb2.TASK_EXTRACT_ENTITIES
+    assert tasks["rerank-torch"] == common_pb2.TASK_RERANK
+    assert tasks["nli-onnx"] == common_pb2.TASK_ZERO_SHOT
+    assert tasks["triage"] == common_pb2.TASK_CLASSIFY
