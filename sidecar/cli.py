@@ -42,11 +42,9 @@ def _add_serve(commands: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
     settings = load_settings(flags, config_file=args.config)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from sidecar.telemetry import logs
+
+    logs.configure(settings.log_level, settings.log_format)
     from sidecar.grpc.server import serve  # grpc and onnxruntime load only when serving
 
     asyncio.run(serve(settings))

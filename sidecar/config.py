@@ -18,6 +18,7 @@ from sidecar.errors import ConfigError
 ENV_PREFIX = "SIDECAR_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("auto", "onnx", "torch")
+LOG_FORMATS = ("json", "text")
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -96,6 +97,13 @@ class Settings:
     )
     max_decode_batch_size: int = _setting(
         8, "generations of one model that share a decode step; 1 = one at a time"
+    )
+    metrics_address: str = _setting(
+        "127.0.0.1:9464", "host:port of the Prometheus metrics endpoint; empty turns it off"
+    )
+    log_format: str = _setting("json", "json (one object per line, with trace ids) or text")
+    log_inputs: bool = _setting(
+        False, "put request text in trace spans; off by default, since it may be personal data"
     )
     verify_checksums: bool = _setting(
         True, "check every model file's sha256 against the manifest at load"
@@ -223,6 +231,8 @@ def _validate(settings: Settings) -> Settings:
             f"max_queue_size {settings.max_queue_size} is below max_rerank_passages "
             f"{settings.max_rerank_passages}: a full Rerank call could never be queued"
         )
+    if settings.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format {settings.log_format!r} is not one of json, text")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     for model in settings.models:

@@ -90,6 +90,7 @@ def settings(minilm_dir: Path, classifier_dir: Path, multilabel_dir: Path) -> Se
     """Three models on a free loopback port; small limits so tests can reach them."""
     return Settings(
         address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
         models=(
             ModelSettings(path=minilm_dir),
             ModelSettings(path=classifier_dir),

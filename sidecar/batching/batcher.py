@@ -20,10 +20,12 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry.trace import SpanContext
 
 from sidecar.batching.planner import plan
-from sidecar.domain import BatchOutput
+from sidecar.domain import BatchOutput, Stamps
 from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+from sidecar.telemetry.tracing import current_context
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,24 @@ class BatchLimits:
     workers: int  # forward passes at once, when the batcher is not given shared slots
 
 
+class BatchObserver(Protocol):
+    """Told of every forward pass (metrics, the batch span); returns the span's context."""
+
+    def batch(
+        self,
+        model: str,
+        callers: list[SpanContext],
+        size: int,
+        tokens: int,
+        padded_tokens: int,
+        start_ns: int,
+        end_ns: int,
+        error: BaseException | None,
+    ) -> SpanContext | None:
+        """Record one forward pass."""
+        ...
+
+
 @dataclass(frozen=True)
 class JobOutput(Generic[T]):
     """A call's encoded inputs and rows, in input order, and where its time went (µs)."""
@@ -62,6 +82,7 @@ class JobOutput(Generic[T]):
     inference_us: int
     postprocess_us: int
     batch_size: int  # the largest batch any of the call's inputs ran in
+    stamps: Stamps
 
 
 def _deadline_error(started: bool) -> DeadlineExceededError:
@@ -87,20 +108,35 @@ class _Job:
         self.enqueued = 0.0
         self.started: float | None = None
         self.tokenize_us = self.inference_us = self.postprocess_us = self.batch_size = 0
+        # For traces: the calling span, wall-clock stamps, and the batch the call ran in.
+        self.caller = current_context()
+        self.tokenize_ns = (0, 0)
+        self.enqueued_ns = self.started_ns = self.inference_end_ns = self.padded_tokens = 0
+        self.batch_span: SpanContext | None = None
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
 
     def deliver(
-        self, index: int, row: npt.NDArray[np.float32], output: BatchOutput, size: int
+        self,
+        index: int,
+        row: npt.NDArray[np.float32],
+        output: BatchOutput,
+        size: int,
+        padded_tokens: int,
+        batch_span: SpanContext | None,
     ) -> None:
         if self.future.done():
             return
         self.rows[index] = row
         self.inference_us = max(self.inference_us, output.inference_us)
         self.postprocess_us = max(self.postprocess_us, output.postprocess_us)
+        if size >= self.batch_size:
+            self.batch_span = batch_span
         self.batch_size = max(self.batch_size, size)
+        self.padded_tokens = max(self.padded_tokens, padded_tokens)
+        self.inference_end_ns = max(self.inference_end_ns, time.time_ns())
         self.waiting -= 1
         if not self.waiting:
             self.future.set_result(None)
@@ -124,6 +160,7 @@ class Batcher(Generic[T]):
         model_pool: Executor,
         prepare_pool: Executor,
         slots: asyncio.Semaphore | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
         """`slots` bounds forward passes in flight; share one among the batchers that share
         `model_pool`, so a batch is only cut when a thread is free to run it."""
@@ -139,6 +176,7 @@ class Batcher(Generic[T]):
         self._running: dict[asyncio.Task[None], list[_Queued[T]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._observer = observer
 
     @property
     def depth(self) -> int:
@@ -167,10 +205,12 @@ class Batcher(Generic[T]):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(deadline):
-                began = time.perf_counter_ns()
+                began, wall = time.perf_counter_ns(), time.time_ns()
                 values = await loop.run_in_executor(self._prepare_pool, prepare)
                 job.tokenize_us = (time.perf_counter_ns() - began) // 1000
                 job.enqueued = time.monotonic()
+                job.enqueued_ns = time.time_ns()
+                job.tokenize_ns = (wall, job.enqueued_ns)
                 self._pending.extend(_Queued(job, i, v) for i, v in enumerate(values))
                 self._arrived.set()
                 await job.future
@@ -191,6 +231,15 @@ class Batcher(Generic[T]):
             inference_us=job.inference_us,
             postprocess_us=job.postprocess_us,
             batch_size=job.batch_size,
+            stamps=Stamps(
+                tokenize=job.tokenize_ns,
+                enqueued=job.enqueued_ns,
+                started=job.started_ns,
+                inference_end=job.inference_end_ns,
+                input_tokens=sum(v.length for v in values),
+                padded_tokens=job.padded_tokens,
+                batch=job.batch_span,
+            ),
         )
 
     async def _dispatch(self) -> None:
@@ -262,15 +311,19 @@ class Batcher(Generic[T]):
 
     async def _run(self, batch: list[_Queued[T]]) -> None:
         """Run one batch on the model pool and hand each row to its call."""
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
         for queued in batch:
             if queued.job.started is None:
-                queued.job.started = started
+                queued.job.started, queued.job.started_ns = started, started_ns
+        lengths = [q.value.length for q in batch]
+        padded = len(batch) * max(lengths)
+        span: SpanContext | None = None
         try:
             output = await asyncio.get_running_loop().run_in_executor(
                 self._model_pool, self._run_batch, [q.value for q in batch]
             )
         except (Exception, asyncio.CancelledError) as exc:
+            self._observe(batch, lengths, padded, started_ns, exc)
             # Every call with an input in this batch learns of the failure.
             for queued in batch:
                 queued.job.fail(
@@ -279,6 +332,7 @@ class Batcher(Generic[T]):
             if isinstance(exc, asyncio.CancelledError):
                 raise
         else:
+            span = self._observe(batch, lengths, padded, started_ns, None)
             if len(output.rows) != len(batch):
                 wrong = RuntimeError(
                     f"model {self.name!r} returned {len(output.rows)} rows for {len(batch)} inputs"
@@ -287,9 +341,26 @@ class Batcher(Generic[T]):
                     queued.job.fail(wrong)
             else:
                 for row, queued in enumerate(batch):
-                    queued.job.deliver(queued.index, output.rows[row], output, len(batch))
+                    queued.job.deliver(
+                        queued.index, output.rows[row], output, len(batch), padded, span
+                    )
         finally:
             self._slots.release()
+
+    def _observe(
+        self,
+        batch: list[_Queued[T]],
+        lengths: list[int],
+        padded: int,
+        started_ns: int,
+        error: BaseException | None,
+    ) -> SpanContext | None:
+        if self._observer is None:
+            return None
+        callers = list({id(q.job): q.job.caller for q in batch}.values())
+        return self._observer.batch(
+            self.name, callers, len(batch), sum(lengths), padded, started_ns, time.time_ns(), error
+        )
 
     async def close(self) -> None:
         """Stop the batch loop and fail whatever still waits; later calls are refused."""

@@ -9,6 +9,8 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager, contextmanager
 
+from opentelemetry import trace
+
 from sidecar.config import Settings
 from sidecar.domain import FinishReason, GenerateChunk, GenerateRequest, Usage
 from sidecar.errors import DeadlineExceededError, OverloadedError
@@ -16,6 +18,8 @@ from sidecar.generation import sampling
 from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.generation.sequence import Sequence
 from sidecar.models.generative import GenerativeModel
+from sidecar.telemetry.observer import Telemetry
+from sidecar.telemetry.tracing import record
 
 
 class Generation:
@@ -29,8 +33,10 @@ class Generation:
         prepare_pool: Executor,
         deadline: float | None,
         admit: Callable[[], AbstractContextManager[None]],
+        telemetry: Telemetry,
     ) -> None:
         self.model = model
+        self._telemetry = telemetry
         self._admit = admit
         self.params = sampling.resolve(request, model.defaults)
         self._request = request
@@ -41,6 +47,9 @@ class Generation:
         self._tokenize_us = 0
         self._submitted_ns = 0
         self._sent = 0  # tokens handed to the caller
+        self._wall = [0, 0]
+        self._last_ns: int | None = None
+        self._ttft_s = 0.0
 
     async def chunks(self) -> AsyncGenerator[GenerateChunk, None]:
         """A chunk per decode step; the last one carries finish, usage and metadata."""
@@ -59,17 +68,19 @@ class Generation:
             ) from None
 
     async def _steps(self) -> AsyncGenerator[GenerateChunk, None]:
-        t0 = time.perf_counter_ns()
+        t0, began_wall = time.perf_counter_ns(), time.time_ns()
         prompt = await asyncio.get_running_loop().run_in_executor(
             self._prepare_pool, self.model.prompt, self._request, self.params.max_new_tokens
         )
         self._submitted_ns = time.perf_counter_ns()
         self._tokenize_us = (self._submitted_ns - t0) // 1000
+        self._wall = [began_wall, time.time_ns()]  # call start, tokenized
         sequence = self._sequence = self.model.sequence(prompt, self.params)
         future = self._scheduler.advance(sequence)
         try:
             while True:
                 chunk = await future
+                self._tick(t0)
                 if chunk.finish is not None:
                     yield self._last(chunk)
                     return
@@ -79,6 +90,53 @@ class Generation:
                 yield chunk
         finally:
             future.cancel()  # a caller that leaves costs at most the step already running
+            self._report()
+
+    def _tick(self, began_ns: int) -> None:
+        """A step's chunk arrived: time to first token, or the gap since the last one."""
+        now = time.perf_counter_ns()
+        metrics, name = self._telemetry.metrics, self.model.name
+        if self._last_ns is None:
+            self._ttft_s = (now - began_ns) / 1e9
+            metrics.first_token(name, self._ttft_s)
+        else:
+            metrics.inter_token(name, (now - self._last_ns) / 1e9)
+        self._last_ns = now
+
+    def _report(self) -> None:
+        """Tokens counted, and (when traced) the call's attributes and child spans."""
+        sequence = self._sequence
+        if sequence is None:
+            return
+        self._telemetry.metrics.generated(self.model.name, len(sequence.generated))
+        info = self.model.call_info()
+        self._telemetry.describe(info, [self._request.prompt] if self._request.prompt else [])
+        span = trace.get_current_span()
+        tracer = self._telemetry.tracer
+        if tracer is None or not span.is_recording():
+            return
+        finish = sequence.finish.value if sequence.finish else "cancelled"
+        span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": len(sequence.prompt.ids),
+                "gen_ai.usage.output_tokens": len(sequence.generated),
+                "gen_ai.response.finish_reasons": [finish],
+                "sidecar.time_to_first_token_ms": round(self._ttft_s * 1000, 3),
+                "sidecar.truncated": sequence.prompt.truncated_tokens > 0,
+                "sidecar.batch_size": sequence.batch_size,
+            }
+        )
+        began, tokenized = self._wall
+        started = tokenized + max(0, sequence.started_ns - self._submitted_ns)
+        record(tracer, "tokenize", began, tokenized)
+        record(tracer, "queue", tokenized, started)
+        record(
+            tracer,
+            "inference",
+            started,
+            time.time_ns(),
+            {"gen_ai.usage.output_tokens": len(sequence.generated)},
+        )
 
     def _last(self, chunk: GenerateChunk, completion_tokens: int | None = None) -> GenerateChunk:
         """The chunk with usage and call metadata attached."""
@@ -118,8 +176,10 @@ class Generations:
         model_pool: Executor,
         prepare_pool: Executor,
         slots: asyncio.Semaphore,
+        telemetry: Telemetry,
     ) -> None:
         self._settings = settings
+        self._telemetry = telemetry
         self._model_pool = model_pool
         self._prepare_pool = prepare_pool
         self._slots = slots
@@ -160,7 +220,13 @@ class Generations:
     ) -> Generation:
         """A Generation ready to iterate (parameters already checked)."""
         return Generation(
-            model, request, self.scheduler(model), self._prepare_pool, deadline, self.admitted
+            model,
+            request,
+            self.scheduler(model),
+            self._prepare_pool,
+            deadline,
+            self.admitted,
+            self._telemetry,
         )
 
     async def close(self) -> None:

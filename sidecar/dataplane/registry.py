@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -48,8 +49,11 @@ def _name_and_manifest(model: ModelSettings) -> tuple[str, Manifest | None, str]
 class ModelRegistry:
     """Knows every configured model; hands out only the ones that are serving."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, on_loaded: Callable[[str, float], None] | None = None
+    ) -> None:
         self._settings = settings
+        self._on_loaded = on_loaded  # (name, seconds) once a model serves
         self._entries: dict[str, _Entry] = {}
         for model in settings.models:
             name, manifest, error = _name_and_manifest(model)
@@ -100,6 +104,7 @@ class ModelRegistry:
         if manifest is None:
             log.error("model %s refused: %s", entry.status.name, entry.status.error)
             return
+        began = time.perf_counter()
         try:
             entry.model = await loop.run_in_executor(
                 executor,
@@ -124,6 +129,8 @@ class ModelRegistry:
             entry.status.error = f"{type(exc).__name__}: {exc}"
         else:
             entry.status.state = ModelState.SERVING
+            if self._on_loaded is not None:
+                self._on_loaded(entry.status.name, time.perf_counter() - began)
 
     def __iter__(self) -> Iterator[ModelStatus]:
         return (entry.status for entry in self._entries.values())

@@ -34,6 +34,8 @@ from sidecar.models.manifest import Task
 from sidecar.models.served import ServedModel
 from sidecar.tasks import entities, pairs
 from sidecar.tasks.tokenization import EncodedText
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.observer import Telemetry
 
 
 class DataPlane:
@@ -49,8 +51,10 @@ class DataPlane:
         registry: ModelRegistry,
         model_pool: Executor,
         prepare_pool: Executor,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry(Metrics(), None, settings.log_inputs)
         self.registry = registry
         self.admission = Admission()
         self._model_pool = model_pool
@@ -66,7 +70,10 @@ class DataPlane:
         # One count of free inference threads for every model's batcher: they share the pool.
         self._slots = asyncio.Semaphore(settings.inference_workers)
         self._requests = 0
-        self.generations = Generations(settings, model_pool, prepare_pool, self._slots)
+        self.generations = Generations(
+            settings, model_pool, prepare_pool, self._slots, self.telemetry
+        )
+        self.telemetry.metrics.generations(lambda: self.generations.running)
 
     def batcher(self, model: ServedModel) -> Batcher[EncodedText]:
         """The model's batcher, made on first use."""
@@ -79,8 +86,10 @@ class DataPlane:
                 self._model_pool,
                 self._prepare_pool,
                 self._slots,
+                self.telemetry,
             )
             self._batchers[model.name] = batcher
+            self.telemetry.metrics.queue_depth(model.name, lambda: batcher.depth)
         return batcher
 
     @contextmanager
@@ -114,6 +123,12 @@ class DataPlane:
         info.batch_size = job.batch_size
         return job, info
 
+    def _observed(self, job: JobOutput[EncodedText], info: CallInfo, inputs: Sequence[str]) -> None:
+        """Report an answered batched call: its model, queue time and spans."""
+        self.telemetry.describe(info, inputs)
+        truncated = any(item.truncated for item in job.inputs)
+        self.telemetry.call(job.stamps, info, truncated, time.time_ns())
+
     async def embed(self, request: EmbedRequest, deadline: float | None = None) -> EmbedResult:
         """Embeddings for a batch of texts."""
         check_inputs(request.inputs, self.settings.max_client_batch_size)
@@ -125,7 +140,9 @@ class DataPlane:
             lambda: model.encode(request.inputs, request.truncate),
             deadline,
         )
-        return model.embed_result(job.rows, job.inputs, request.normalize, info)
+        result = model.embed_result(job.rows, job.inputs, request.normalize, info)
+        self._observed(job, info, request.inputs)
+        return result
 
     async def classify(
         self, request: ClassifyRequest, deadline: float | None = None
@@ -148,7 +165,9 @@ class DataPlane:
             lambda: model.encode(request.inputs, request.truncate),
             deadline,
         )
-        return model.classify_result(job.rows, job.inputs, request.top_k, info)
+        classified = model.classify_result(job.rows, job.inputs, request.top_k, info)
+        self._observed(job, info, request.inputs)
+        return classified
 
     async def _zero_shot(
         self, model: ServedModel, request: ClassifyRequest, deadline: float | None
@@ -170,9 +189,11 @@ class DataPlane:
             lambda: model.encoder.encode_pairs(premise_pairs, request.truncate, keep="second"),
             deadline,
         )
-        return model.zero_shot_result(
+        result = model.zero_shot_result(
             job.rows, job.inputs, candidates, request.multi_label, request.top_k, info
         )
+        self._observed(job, info, request.inputs)
+        return result
 
     async def extract_entities(
         self, request: ExtractEntitiesRequest, deadline: float | None = None
@@ -192,9 +213,11 @@ class DataPlane:
             lambda: model.encoder.encode_each(request.inputs, request.truncate, with_offsets=True),
             deadline,
         )
-        return model.entities_result(
+        found = model.entities_result(
             job.rows, job.inputs, request.inputs, request.aggregation, info
         )
+        self._observed(job, info, request.inputs)
+        return found
 
     async def rerank(self, request: RerankRequest, deadline: float | None = None) -> RerankResult:
         """Passages scored against the query, most relevant first."""
@@ -213,9 +236,11 @@ class DataPlane:
             lambda: model.encoder.encode_pairs(query_pairs, request.truncate, keep="first"),
             deadline,
         )
-        return model.rerank_result(
+        ranked = model.rerank_result(
             job.rows, job.inputs, request.inputs, request.top_n, request.return_text, info
         )
+        self._observed(job, info, [request.query, *request.inputs])
+        return ranked
 
     async def tokenize(
         self, request: TokenizeRequest, deadline: float | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from sidecar.config import Settings
 from sidecar.dataplane.registry import ModelRegistry
@@ -19,6 +21,9 @@ from sidecar.dataplane.service import DataPlane
 from sidecar.domain import ModelState
 from sidecar.errors import ConfigError
 from sidecar.grpc.servicers import InferenceServicer, ModelsServicer
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.observer import Telemetry
+from sidecar.telemetry.tracing import tracer_provider
 from sidecar.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,10 @@ class SidecarServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings)
+        # Tracing follows the OTEL_* variables of the process, as the OTel SDK reads them.
+        provider = tracer_provider(os.environ)
+        self.telemetry = Telemetry(Metrics(), provider, settings.log_inputs)
+        self.registry = ModelRegistry(settings, self.telemetry.metrics.model_loaded)
         self._inference_pool = ThreadPoolExecutor(
             settings.inference_workers, thread_name_prefix="inference"
         )
@@ -47,7 +55,7 @@ class SidecarServer:
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
         self.dataplane = DataPlane(
-            settings, self.registry, self._inference_pool, self._prepare_pool
+            settings, self.registry, self._inference_pool, self._prepare_pool, self.telemetry
         )
         self.health = HealthServicer()
         self._server = grpc.aio.server(
@@ -56,7 +64,13 @@ class SidecarServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Two sidecars on one port would split traffic silently: fail to bind instead.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            # Server spans that join the caller's trace (W3C traceparent / baggage metadata).
+            interceptors=(
+                [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
+                if provider
+                else []
+            ),
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.dataplane), self._server
@@ -72,7 +86,7 @@ class SidecarServer:
             ),
             self._server,
         )
-        self.port = 0
+        self.port = self.metrics_port = 0
         self.ready_seconds = 0.0
 
     async def _report(self, name: str, state: ModelState) -> None:
@@ -91,6 +105,13 @@ class SidecarServer:
             raise ConfigError(
                 f"cannot listen on {settings.address} (another process may hold it; choose "
                 f"another --address): {exc}"
+            ) from None
+        try:
+            self.metrics_port = self.telemetry.metrics.serve(settings.metrics_address)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {settings.metrics_address} ({exc}): choose another "
+                "--metrics-address, or an empty one to turn the endpoint off"
             ) from None
         for service in ("", INFERENCE, MODELS):
             await self.health.set(service, NOT_SERVING)
@@ -126,6 +147,7 @@ class SidecarServer:
         # Whatever is left (a response still being written) gets the rest of the grace period.
         await self._server.stop(max(grace - (time.monotonic() - began), 0))
         await self.dataplane.close()
+        self.telemetry.close()
         self._inference_pool.shutdown(wait=False, cancel_futures=True)
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)

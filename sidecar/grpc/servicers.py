@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,7 +12,7 @@ import grpc
 
 from sidecar.dataplane.service import DataPlane
 from sidecar.grpc import to_domain, to_proto
-from sidecar.grpc.status import abort, translates_errors
+from sidecar.grpc.status import abort, status_of, translates_errors
 from sidecar.grpc.stream import run_stream
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
@@ -25,6 +27,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._dataplane = dataplane
         self.admission = dataplane.admission
         self.max_message_bytes = dataplane.settings.max_message_bytes
+        self.telemetry = dataplane.telemetry
 
     @translates_errors
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
@@ -70,19 +73,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Tokens as they are generated; the last message says why generation ended."""
+        began, code, model = time.perf_counter(), grpc.StatusCode.OK, request.model
         try:
             async with self.admission.call():
                 generation = self._dataplane.generate(
                     to_domain.generate(request), to_domain.deadline(context)
                 )
                 # aclosing: a departed caller stops decoding now, not at garbage collection.
+                model = generation.model.name
                 async with contextlib.aclosing(generation.chunks()) as chunks:
                     async for chunk in chunks:
                         yield to_proto.generate(chunk)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
+            code = status_of(exc)[0]
             await abort(context, exc)
+        finally:
+            self.telemetry.answered("Generate", model, code.name, time.perf_counter() - began)
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
@@ -114,6 +125,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
         self._registry = dataplane.registry
         self.admission = dataplane.admission
         self.max_message_bytes = dataplane.settings.max_message_bytes
+        self.telemetry = dataplane.telemetry
 
     @translates_errors
     async def ListModels(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -69,21 +70,31 @@ def translates_errors(handler: F) -> F:
     """Wrap a unary servicer method: admit the call, bound the answer's size, and end every
     exception as a mapped status.
 
-    The servicer holds the dataplane's Admission as `self.admission` and the size limit as
-    `self.max_message_bytes`.
+    The servicer holds the dataplane's Admission as `self.admission`, the size limit as
+    `self.max_message_bytes` and the server's Telemetry as `self.telemetry` (each call is
+    counted and timed under its RPC name, model and status code).
     """
 
     @wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        began = time.perf_counter()
+        code = grpc.StatusCode.OK
+        model = getattr(request, "model", "")
         try:
             async with self.admission.call():
                 response = await handler(self, request, context)
             if response is not None:
                 check_answer_size(response, self.max_message_bytes)
+                metadata = getattr(response, "metadata", None)
+                model = getattr(metadata, "model", "") or model
             return response
-        except grpc.aio.AbortError:
+        except grpc.aio.AbortError:  # a handler that aborted by itself: its code is not known
+            code = grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:
+            code = status_of(exc)[0]
             await abort(context, exc)
+        finally:
+            self.telemetry.answered(handler.__name__, model, code.name, time.perf_counter() - began)
 
     return wrapper  # type: ignore[return-value]

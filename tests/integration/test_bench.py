@@ -46,8 +46,12 @@ def test_quick_bench_runs_every_scenario(
         assert not row["errors"], (name, row["errors"])
     assert results["ceiling"]["texts_per_s"] > 0
     assert 0.9 < results["int8"]["cosine_mean"] <= 1.0
-    assert len(results["ratios"]) == 12
-    assert [r["name"] for r in results["ratios"][8:]] == GENERATION_RATIOS
+    assert len(results["ratios"]) == 13
+    assert [r["name"] for r in results["ratios"][9:]] == GENERATION_RATIOS
+    assert "tracing on / off, 16 callers (paired medians)" in done.stdout
+    (turn,) = results["tracing"]
+    assert turn["on"] > 0
+    assert turn["off"] > 0
     _check_generation(results["generation"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tables = (out / "bench.md").read_text()

@@ -28,6 +28,7 @@ async def damaged_server(
     model.write_bytes(bytes(data))
     settings = Settings(
         address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=broken, name="broken"), ModelSettings(path=multilabel_dir)),
     )
     server = await SidecarServer.start(settings)
@@ -65,7 +66,9 @@ async def test_damaged_model_is_failed_and_others_serve(damaged_server: SidecarS
 async def test_no_loadable_model_refuses_to_start(tmp_path: Path) -> None:
     from sidecar.errors import ConfigError
 
-    settings = Settings(address="127.0.0.1:0", models=(ModelSettings(path=tmp_path),))
+    settings = Settings(
+        address="127.0.0.1:0", metrics_address="127.0.0.1:0", models=(ModelSettings(path=tmp_path),)
+    )
     with pytest.raises(ConfigError, match=r"no model could be loaded.*has no manifest.json"):
         await SidecarServer.start(settings)
 
@@ -78,6 +81,7 @@ async def test_unexpected_load_errors_fail_only_that_model(
     (garbled / "tokenizer.json").write_text("{not json")  # tokenizers raises its own error type
     settings = Settings(
         address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=garbled, name="garbled"), ModelSettings(path=multilabel_dir)),
         verify_checksums=False,
     )

@@ -42,6 +42,7 @@ async def generator(
 ) -> AsyncIterator[SidecarServer]:
     settings = Settings(
         address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
         models=(
             ModelSettings(path=gpt2_dir, name="gpt2"),
             ModelSettings(path=bart_dir, name="bart"),

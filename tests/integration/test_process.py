@@ -269,7 +269,8 @@ from sidecar.domain import EmbedRequest
 
 async def main():
     model = ModelSettings(path=Path({str(minilm_dir)!r}))
-    server = await SidecarServer.start(Settings(address="127.0.0.1:0", models=(model,)))
+    settings = Settings(address="127.0.0.1:0", metrics_address="", models=(model,))
+    server = await SidecarServer.start(settings)
     result = await server.dataplane.embed(EmbedRequest(model="", inputs=["hello"]))
     await server.stop(grace=0)
     owners = metadata.packages_distributions()

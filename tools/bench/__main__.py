@@ -70,11 +70,15 @@ def _process(
 
 
 @contextmanager
-def sidecar(model_dir: Path, device: str, extra: list[str]) -> Iterator[str]:
+def sidecar(
+    model_dir: Path, device: str, extra: list[str], env: dict[str, str] | None = None
+) -> Iterator[str]:
     """A `sidecar serve` process on a free port, SERVING; yields its address."""
     address = f"127.0.0.1:{free_port()}"
     command = [str(Path(sys.executable).parent / "sidecar"), "serve", "--model", str(model_dir)]
-    command += ["--address", address, "--device", device, "--log-level", "WARNING", *extra]
+    # Several sidecars run side by side here: each serves its metrics on a port of its own.
+    command += ["--address", address, "--device", device, "--log-level", "WARNING"]
+    command += ["--metrics-address", "127.0.0.1:0", *extra]
 
     def serving() -> bool:
         with grpc.insecure_channel(address) as channel:
@@ -86,7 +90,7 @@ def sidecar(model_dir: Path, device: str, extra: list[str]) -> Iterator[str]:
                 return False
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    with _process(command, serving, "sidecar"):
+    with _process(command, serving, "sidecar", env):
         yield address
 
 
@@ -315,8 +319,55 @@ def embedding(args: argparse.Namespace) -> dict[str, Any]:
             turns.append({"fp32": fp32_row["texts_per_s"], "int8": int8_row["texts_per_s"]})
         results["int8"]["paired"] = turns
 
+    print("tracing ...", flush=True)
+    results["tracing"] = tracing_rounds(model_dir, corpus_file, args)
     results["scenarios"] = rows
     return results
+
+
+def tracing_rounds(
+    model_dir: Path, corpus_file: Path, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """16 callers on a sidecar without tracing and on one tracing every call (always_on,
+    exported over OTLP/gRPC to a receiver in this process), in turn, over paired rounds."""
+    from tools.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        plain_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        traced_env = {
+            **plain_env,
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_TRACES_SAMPLER": "always_on",
+        }
+        with (
+            sidecar(model_dir, args.device, args.server_args, plain_env) as plain,
+            sidecar(model_dir, args.device, args.server_args, traced_env) as traced,
+        ):
+            turns = []
+            for round_ in range(args.pairs):
+                off = scenario(
+                    f"tracing off #{round_ + 1}",
+                    "tracing",
+                    f"grpc://{plain}",
+                    corpus_file,
+                    16,
+                    args,
+                )
+                on = scenario(
+                    f"tracing on #{round_ + 1}",
+                    "tracing",
+                    f"grpc://{traced}",
+                    corpus_file,
+                    16,
+                    args,
+                )
+                turns.append({"off": off["texts_per_s"], "on": on["texts_per_s"]})
+        exported = len(receiver.spans)
+    print(f"    ({exported} spans received)", flush=True)
+    if not exported:
+        raise SystemExit("the traced sidecar exported no spans: tracing was not on")
+    return turns
 
 
 def _pcts(row: dict[str, Any]) -> dict[str, float]:
@@ -341,6 +392,8 @@ def embedding_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         "p95_ms": statistics.median(p["p95_ms"] for p in pairs),
     }
     s1, n16 = by["sidecar 1 callers"], by["naive 16 callers"]
+    traced = statistics.median(t["on"] for t in results["tracing"])
+    untraced = statistics.median(t["off"] for t in results["tracing"])
     bound_ms = 1000 * 16 / ceiling
     overhead = s1["p50_ms"] - results["inprocess_single_p50_ms"]
     int8 = {"texts_per_s": statistics.median(t["int8"] for t in turns)}
@@ -387,6 +440,12 @@ def embedding_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             results["int8"]["ceiling_texts_per_s"] / results["int8"]["fp32_ceiling_texts_per_s"],
             "report",
             True,
+        ),
+        ratio(
+            "tracing on / off, 16 callers (paired medians)",
+            traced / untraced,
+            ">= 0.95",
+            traced >= 0.95 * untraced,
         ),
         ratio(
             "int8 cosine to fp32, min over the corpus",
