@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from sidecar.dataplane.service import DataPlane
 from sidecar.errors import CancelledError, InvalidInputError, NotImplementedYetError
 from sidecar.grpc import to_domain, to_proto
-from sidecar.grpc.status import check_answer_size, rpc_status
+from sidecar.grpc.status import check_answer_size, rpc_status, status_of
 from sidecar.v1 import inference_pb2 as pb
 
 _EOF = object()
@@ -99,6 +102,21 @@ class _StreamCall:
         self.out.put_nowait(
             _Answer(pb.StreamResponse(id=item_id, error=rpc_status(exc)), holds_slot)
         )
+
+    def counted(
+        self, rpc: str, model: str, began: float, task: asyncio.Task[pb.StreamResponse]
+    ) -> None:
+        if task.cancelled():
+            code = grpc.StatusCode.CANCELLED
+        elif (exc := task.exception()) is not None:
+            code = status_of(exc)[0]
+        else:
+            code = grpc.StatusCode.OK
+            answer = task.result()
+            field = answer.WhichOneof("response")
+            if field and field != "error":  # the model that answered, the default resolved
+                model = getattr(answer, field).metadata.model or model
+        self.dataplane.telemetry.answered(rpc, model, code.name, time.perf_counter() - began)
 
     def finish(self, item_id: str, task: asyncio.Task[pb.StreamResponse]) -> None:
         # A done callback sees every ending, including a task cancelled before it started.
@@ -202,6 +220,11 @@ class _StreamCall:
                 else _dispatch(self.dataplane, request, kind, self.deadline)
             )
             self.running[item_id] = task
+            # Each item is counted and timed like a call: Stream.<kind> under its model.
+            model = getattr(request, kind).model
+            task.add_done_callback(
+                functools.partial(self.counted, f"Stream.{kind}", model, time.perf_counter())
+            )
             task.add_done_callback(functools.partial(self.finish, item_id))
 
     async def answers(self) -> AsyncGenerator[pb.StreamResponse, None]:

@@ -155,6 +155,11 @@ async def test_metrics_count_known_calls(traced: SidecarServer) -> None:
                 pb.GenerateRequest(model="writer", prompt="x", max_new_tokens=4)
             )
         ]
+        items = [
+            pb.StreamRequest(id=str(i), embed=pb.EmbedRequest(inputs=["refund"])) for i in range(2)
+        ]
+        items.append(pb.StreamRequest(id="bad", embed=pb.EmbedRequest(model="nope", inputs=["x"])))
+        [_ async for _ in stub.Stream(iter(items))]
     after = scrape(traced.metrics_port)
 
     def grew(name: str, **labels: str) -> float:
@@ -165,7 +170,9 @@ async def test_metrics_count_known_calls(traced: SidecarServer) -> None:
     assert grew("sidecar_requests_total", rpc="Embed", code="INVALID_ARGUMENT") == 1
     assert grew("sidecar_requests_total", rpc="Generate", model="writer", code="OK") == 1
     assert grew("sidecar_request_duration_seconds_count", rpc="Embed", model="minilm") == 4 - 1
-    assert grew("sidecar_queue_duration_seconds_count", model="minilm") == 3
+    assert grew("sidecar_requests_total", rpc="Stream.embed", model="minilm", code="OK") == 2
+    assert grew("sidecar_requests_total", rpc="Stream.embed", model="nope", code="NOT_FOUND") == 1
+    assert grew("sidecar_queue_duration_seconds_count", model="minilm") == 3 + 2
     assert grew("sidecar_batch_size_count", model="minilm") >= 3
     assert grew("sidecar_tokens_total", model="minilm", kind="input") > 6
     assert grew("sidecar_tokens_total", model="writer", kind="generated") == 4
