@@ -9,10 +9,10 @@ period.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
-from sidecar.errors import ModelNotReadyError
+from sidecar.errors import ModelNotReadyError, OverloadedError
 
 
 class Admission:
@@ -58,3 +58,27 @@ class Admission:
         except TimeoutError:
             return False
         return True
+
+
+class InFlightLimit:
+    """Work in progress counted against a setting; past it, RESOURCE_EXHAUSTED at once."""
+
+    def __init__(self, limit: int, noun: str, setting: str) -> None:
+        self.limit = limit
+        self.running = 0
+        self._noun = noun  # "requests", "generations"
+        self._setting = setting
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """One unit of work for the duration of the block."""
+        if self.running >= self.limit:
+            raise OverloadedError(
+                f"{self.running} {self._noun} are in progress, the {self._setting} limit: "
+                "retry with backoff, or add sidecar replicas"
+            )
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1

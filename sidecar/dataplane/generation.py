@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 
 from opentelemetry import trace
 
 from sidecar.config import Settings
+from sidecar.dataplane.admission import InFlightLimit
 from sidecar.domain import FinishReason, GenerateChunk, GenerateRequest, Usage
-from sidecar.errors import DeadlineExceededError, OverloadedError
+from sidecar.errors import DeadlineExceededError
 from sidecar.generation import sampling
 from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.generation.sequence import Sequence
@@ -184,7 +185,9 @@ class Generations:
         self._prepare_pool = prepare_pool
         self._slots = slots
         self._schedulers: dict[str, DecodeScheduler] = {}
-        self.running = 0
+        self._limit = InFlightLimit(
+            settings.max_concurrent_generations, "generations", "max_concurrent_generations"
+        )
 
     def scheduler(self, model: GenerativeModel) -> DecodeScheduler:
         """The model's decode scheduler, made on first use."""
@@ -200,20 +203,10 @@ class Generations:
             self._schedulers[model.name] = scheduler
         return scheduler
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Count a generation against max_concurrent_generations."""
-        limit = self._settings.max_concurrent_generations
-        if self.running >= limit:
-            raise OverloadedError(
-                f"{self.running} generations are in progress, the max_concurrent_generations "
-                "limit: retry with backoff, or add sidecar replicas"
-            )
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
+    @property
+    def running(self) -> int:
+        """Generations in progress."""
+        return self._limit.running
 
     def start(
         self, model: GenerativeModel, request: GenerateRequest, deadline: float | None
@@ -225,7 +218,7 @@ class Generations:
             self.scheduler(model),
             self._prepare_pool,
             deadline,
-            self.admitted,
+            self._limit.held,
             self._telemetry,
         )
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from contextlib import contextmanager
 
 from sidecar.batching.batcher import Batcher, BatchLimits, JobOutput
 from sidecar.config import Settings
-from sidecar.dataplane.admission import Admission
+from sidecar.dataplane.admission import Admission, InFlightLimit
 from sidecar.dataplane.generation import Generation, Generations
 from sidecar.dataplane.registry import ModelRegistry
 from sidecar.dataplane.validation import check_candidates, check_inputs, check_non_negative
@@ -28,7 +27,7 @@ from sidecar.domain import (
     TokenizeRequest,
     TokenizeResult,
 )
-from sidecar.errors import DeadlineExceededError, InvalidInputError, OverloadedError
+from sidecar.errors import DeadlineExceededError, InvalidInputError
 from sidecar.models.generative import GenerativeModel
 from sidecar.models.manifest import Task
 from sidecar.models.served import ServedModel
@@ -69,7 +68,10 @@ class DataPlane:
         self._batchers: dict[str, Batcher[EncodedText]] = {}
         # One count of free inference threads for every model's batcher: they share the pool.
         self._slots = asyncio.Semaphore(settings.inference_workers)
-        self._requests = 0
+        # Unary calls and Stream items in progress.
+        self._requests = InFlightLimit(
+            settings.max_concurrent_requests, "requests", "max_concurrent_requests"
+        )
         self.generations = Generations(
             settings, model_pool, prepare_pool, self._slots, self.telemetry
         )
@@ -92,21 +94,6 @@ class DataPlane:
             self.telemetry.metrics.queue_depth(model.name, lambda: batcher.depth)
         return batcher
 
-    @contextmanager
-    def _counted(self) -> Iterator[None]:
-        """Count a request (a unary call or one Stream item) against max_concurrent_requests."""
-        limit = self.settings.max_concurrent_requests
-        if self._requests >= limit:
-            raise OverloadedError(
-                f"{self._requests} requests are in progress, the max_concurrent_requests "
-                f"limit: retry with backoff, or add sidecar replicas"
-            )
-        self._requests += 1
-        try:
-            yield
-        finally:
-            self._requests -= 1
-
     async def _batched(
         self,
         model: ServedModel,
@@ -115,7 +102,7 @@ class DataPlane:
         deadline: float | None,
     ) -> tuple[JobOutput[EncodedText], CallInfo]:
         """Queue a call's `count` inputs (encoded by `prepare`) on the model's batcher."""
-        with self._counted():
+        with self._requests.held():
             job = await self.batcher(model).submit(count, prepare, deadline)
         info = model.call_info()
         info.queue_us, info.tokenize_us = job.queue_us, job.tokenize_us
@@ -250,7 +237,7 @@ class DataPlane:
         model = self.registry.resolve(request.model)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceededError("the call's deadline passed before it started")
-        with self._counted():
+        with self._requests.held():
             work = asyncio.get_running_loop().run_in_executor(
                 self._prepare_pool,
                 lambda: model.tokenize(
