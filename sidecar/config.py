@@ -98,6 +98,11 @@ class Settings:
     max_decode_batch_size: int = _setting(
         8, "generations of one model that share a decode step; 1 = one at a time"
     )
+    health_address: str = _setting(
+        "",
+        "host:port of a second listener serving only grpc.health.v1, in plain text, for "
+        "Kubernetes probes (which reach the pod IP, not loopback or a socket); empty = none",
+    )
     metrics_address: str = _setting(
         "127.0.0.1:9464", "host:port of the Prometheus metrics endpoint; empty turns it off"
     )

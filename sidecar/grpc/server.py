@@ -32,6 +32,12 @@ INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 MODELS = models_pb2.DESCRIPTOR.services_by_name["Models"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# SERVING for as long as the process answers, through loading and draining alike: a liveness
+# probe must not restart a server that is busy loading or finishing its in-flight calls.
+LIVENESS = "liveness"
+# A socket only its owner and group may connect to (connecting needs write permission); the
+# app container reaches it through a shared group, such as the pod's fsGroup.
+SOCKET_MODE = 0o660
 
 
 def model_health_name(model: str) -> str:
@@ -58,6 +64,8 @@ class SidecarServer:
             settings, self.registry, self._inference_pool, self._prepare_pool, self.telemetry
         )
         self.health = HealthServicer()
+        self._draining = False
+        self._health_server: grpc.aio.Server | None = None
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -86,10 +94,12 @@ class SidecarServer:
             ),
             self._server,
         )
-        self.port = self.metrics_port = 0
+        self.port = self.metrics_port = self.health_port = 0
         self.ready_seconds = 0.0
 
     async def _report(self, name: str, state: ModelState) -> None:
+        if self._draining:
+            return
         await self.health.set(
             model_health_name(name), SERVING if state is ModelState.SERVING else NOT_SERVING
         )
@@ -106,6 +116,17 @@ class SidecarServer:
                 f"cannot listen on {settings.address} (another process may hold it; choose "
                 f"another --address): {exc}"
             ) from None
+        restrict_socket(settings.address)
+        if settings.health_address:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            try:
+                self.health_port = self._health_server.add_insecure_port(settings.health_address)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"cannot listen for health checks on {settings.health_address} ({exc}): "
+                    "choose another --health-address"
+                ) from None
         try:
             self.metrics_port = self.telemetry.metrics.serve(settings.metrics_address)
         except OSError as exc:
@@ -113,10 +134,13 @@ class SidecarServer:
                 f"cannot serve metrics on {settings.metrics_address} ({exc}): choose another "
                 "--metrics-address, or an empty one to turn the endpoint off"
             ) from None
+        await self.health.set(LIVENESS, SERVING)
         for service in ("", INFERENCE, MODELS):
             await self.health.set(service, NOT_SERVING)
         for status in self.registry:
             await self.health.set(model_health_name(status.name), NOT_SERVING)
+        if self._health_server:
+            await self._health_server.start()
         await self._server.start()
         log.info("listening on %s; loading %d model(s)", settings.address, len(settings.models))
         try:
@@ -137,7 +161,9 @@ class SidecarServer:
         """Report NOT_SERVING, refuse new calls, give in-flight ones the grace period to finish."""
         grace = self.settings.grace_period_s if grace is None else grace
         began = time.monotonic()
-        await self.health.enter_graceful_shutdown()
+        self._draining = True
+        for service in ("", INFERENCE, MODELS, *(model_health_name(s.name) for s in self.registry)):
+            await self.health.set(service, NOT_SERVING)
         admission = self.dataplane.admission
         admission.drain()
         if not await admission.wait_idle(grace):
@@ -146,11 +172,21 @@ class SidecarServer:
             )
         # Whatever is left (a response still being written) gets the rest of the grace period.
         await self._server.stop(max(grace - (time.monotonic() - began), 0))
+        if self._health_server:
+            await self._health_server.stop(0)
         await self.dataplane.close()
         self.telemetry.close()
         self._inference_pool.shutdown(wait=False, cancel_futures=True)
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def restrict_socket(address: str) -> None:
+    """Give a Unix socket's file SOCKET_MODE (grpc creates it with the process umask)."""
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:")
+        # unix:///abs/path and unix:relative/path are both grpc's forms.
+        os.chmod(path.removeprefix("//") if path.startswith("///") else path, SOCKET_MODE)
 
 
 async def serve(settings: Settings) -> None:

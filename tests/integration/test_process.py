@@ -59,6 +59,9 @@ def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float =
     raise AssertionError("sidecar did not report SERVING in time")
 
 
+HEALTH_PORT = free_port()
+
+
 @pytest.fixture
 def sidecar_process(
     minilm_dir: Path, tmp_path: Path
@@ -66,7 +69,10 @@ def sidecar_process(
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "SIDECAR_GRACE_PERIOD_S": "5"}
     process = start_sidecar(
-        tmp_path / "serve.log", "--model", str(minilm_dir), "--address", address, env=env
+        tmp_path / "serve.log",
+        *("--model", str(minilm_dir), "--address", address),
+        *("--health-address", f"127.0.0.1:{HEALTH_PORT}"),
+        env=env,
     )
     try:
         wait_serving(address, process)
@@ -179,13 +185,34 @@ def test_client_entities_and_rerank_commands(
         process.wait()
 
 
+def test_health_listener_serves_only_health(
+    sidecar_process: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{HEALTH_PORT}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for service in ("", "sidecar.v1.Inference", "sidecar.v1.Inference/minilm", "liveness"):
+            status = check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as unknown:
+            check(health_pb2.HealthCheckRequest(service="sidecar.v1.Nope"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        # Plain text and reachable beyond loopback in a pod: it must not expose inference.
+        with pytest.raises(grpc.RpcError) as embed:
+            inference_pb2_grpc.InferenceStub(channel).Embed(
+                pb.EmbedRequest(inputs=["x"]), timeout=5
+            )
+        assert embed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     sidecar_process: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     address, process = sidecar_process
-    with grpc.insecure_channel(address) as channel:
+    probes = grpc.insecure_channel(f"127.0.0.1:{HEALTH_PORT}")
+    with grpc.insecure_channel(address) as channel, probes:
         inference = inference_pb2_grpc.InferenceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
+        probe = health_pb2_grpc.HealthStub(probes).Check
         outbox: queue.Queue[pb.StreamRequest | None] = queue.Queue()
         outbox.put(pb.StreamRequest(id="before", embed=pb.EmbedRequest(inputs=["one"])))
         stream = inference.Stream(iter(outbox.get, None))
@@ -200,6 +227,17 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
             inference.Embed(pb.EmbedRequest(inputs=["new call"]), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down and takes no new calls" in refused.value.details()
+        # The probe listener tells the kubelet: not ready, but alive (do not restart).
+        draining = {
+            name: probe(health_pb2.HealthCheckRequest(service=name), timeout=1).status
+            for name in ("", "sidecar.v1.Inference", "sidecar.v1.Inference/minilm", "liveness")
+        }
+        assert draining == {
+            "": not_serving,
+            "sidecar.v1.Inference": not_serving,
+            "sidecar.v1.Inference/minilm": not_serving,
+            "liveness": health_pb2.HealthCheckResponse.SERVING,
+        }
         # The in-flight stream is still served during the grace period.
         outbox.put(pb.StreamRequest(id="during", embed=pb.EmbedRequest(inputs=["two"])))
         outbox.put(None)
@@ -223,6 +261,8 @@ def test_unix_socket_and_cold_start(minilm_dir: Path, tmp_path: Path) -> None:
                 pb.EmbedRequest(inputs=["over a unix socket"])
             )
         assert response.dimensions == 384
+        # Owner and group may connect (the app shares the pod's fsGroup); nobody else.
+        assert socket_path.stat().st_mode & 0o777 == 0o660
         # Reported, not asserted: timings belong to `make coldstart`, machines are noisy.
         print(f"\ncold start to SERVING (process launch included): {cold_start:.2f}s")
         process.send_signal(signal.SIGTERM)
