@@ -97,11 +97,13 @@ def _call(args: argparse.Namespace) -> int:
                 )
             elif args.call == "health":
                 stub = health_pb2_grpc.HealthStub(channel)
-                _print(
-                    stub.Check(
-                        health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-                    )
+                checked = stub.Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
                 )
+                _print(checked)
+                # A failing exit status, as probes and `helm test` read it.
+                if checked.status != health_pb2.HealthCheckResponse.SERVING:
+                    return 1
             else:
                 calls = {
                     "embed": _embed,

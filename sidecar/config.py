@@ -63,6 +63,11 @@ class Settings:
         32, "items in flight on one Stream before the server stops reading it"
     )
     grace_period_s: float = _setting(10.0, "seconds in-flight calls get to finish after SIGTERM")
+    max_connection_age_s: float = _setting(
+        0.0,
+        "seconds after which a client connection is asked to reconnect (calls in flight "
+        "finish first), so replicas added behind a Service get their share; 0 = never",
+    )
     device: str = _setting("cpu", "default device: cpu, cuda or cuda:<index>")
     backend: str = _setting(
         "auto",
@@ -221,7 +226,12 @@ def _validate(settings: Settings) -> Settings:
     for name in positive:
         if getattr(settings, name) < 1:
             raise ConfigError(f"setting {name!r} must be at least 1, got {getattr(settings, name)}")
-    for name in ("intra_op_threads", "grace_period_s", "max_batch_delay_ms"):
+    for name in (
+        "intra_op_threads",
+        "grace_period_s",
+        "max_batch_delay_ms",
+        "max_connection_age_s",
+    ):
         if getattr(settings, name) < 0:
             raise ConfigError(
                 f"setting {name!r} must not be negative, got {getattr(settings, name)}"

@@ -72,6 +72,14 @@ class SidecarServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Two sidecars on one port would split traffic silently: fail to bind instead.
                 ("grpc.so_reuseport", 0),
+                # gRPC keeps one connection per client: without an age, replicas added behind
+                # a Service get no traffic. Unset, core's grace is unlimited, so open streams
+                # are never cut.
+                *(
+                    [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000))]
+                    if settings.max_connection_age_s > 0
+                    else []
+                ),
             ],
             # Server spans that join the caller's trace (W3C traceparent / baggage metadata).
             interceptors=(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -11,8 +12,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from sidecar.config import Settings
 from sidecar.grpc.server import SidecarServer
-from sidecar.v1 import common_pb2, models_pb2
+from sidecar.v1 import common_pb2, inference_pb2, models_pb2
+from sidecar.v1.inference_pb2_grpc import InferenceStub
 from sidecar.v1.models_pb2_grpc import ModelsStub
 from tests.checkpoints import LABELS
 
@@ -82,3 +85,25 @@ def describe_everything(port: int) -> None:
         assert error.message_type.full_name == "google.rpc.Status"
         models = pool.FindServiceByName("sidecar.v1.Models")
         assert {m.name for m in models.methods} == {"ListModels", "GetModel"}
+
+
+async def test_connections_are_recycled_after_max_connection_age(settings: Settings) -> None:
+    """A client is moved to a new connection after the age, its calls unaffected."""
+
+    async def connection_after_a_call(age: float) -> grpc.ChannelConnectivity:
+        aged = dataclasses.replace(settings, max_connection_age_s=age, metrics_address="")
+        server = await SidecarServer.start(aged)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                embed = InferenceStub(channel).Embed
+                await embed(inference_pb2.EmbedRequest(inputs=["first"]))
+                await asyncio.sleep(1.5)  # core jitters the age by up to 10%
+                state = channel.get_state()
+                answer = await embed(inference_pb2.EmbedRequest(inputs=["after"]))
+                assert answer.dimensions == 384
+                return state
+        finally:
+            await server.stop(grace=0)
+
+    assert await connection_after_a_call(0.3) == grpc.ChannelConnectivity.IDLE
+    assert await connection_after_a_call(0) == grpc.ChannelConnectivity.READY

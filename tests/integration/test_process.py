@@ -202,6 +202,18 @@ def test_health_listener_serves_only_health(
                 pb.EmbedRequest(inputs=["x"]), timeout=5
             )
         assert embed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # The client command a `helm test` pod runs: exit status 0 only for SERVING.
+    assert client_health("liveness").returncode == 0
+    unknown_service = client_health("sidecar.v1.Nope")
+    assert unknown_service.returncode == 1
+    assert "NOT_FOUND" in unknown_service.stderr
+
+
+def client_health(service: str) -> subprocess.CompletedProcess[str]:
+    """`sidecar client health` against the probe listener."""
+    address = f"127.0.0.1:{HEALTH_PORT}"
+    command = [BIN / "sidecar", "client", "--address", address, "health", "--service", service]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
@@ -238,6 +250,9 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
             "sidecar.v1.Inference/minilm": not_serving,
             "liveness": health_pb2.HealthCheckResponse.SERVING,
         }
+        draining_check = client_health("sidecar.v1.Inference")
+        assert draining_check.returncode == 1
+        assert '"status": "NOT_SERVING"' in draining_check.stdout
         # The in-flight stream is still served during the grace period.
         outbox.put(pb.StreamRequest(id="during", embed=pb.EmbedRequest(inputs=["two"])))
         outbox.put(None)
