@@ -71,7 +71,9 @@ def test_a_server_without_tracing_never_imports_the_sdk() -> None:
 
 
 def test_the_dashboard_uses_only_metrics_the_sidecar_exports() -> None:
-    dashboard = json.loads((ROOT / "helm/dashboards/transformers-sidecar.json").read_text())
+    dashboard = json.loads(
+        (ROOT / "helm/transformers-sidecar/dashboards/transformers-sidecar.json").read_text()
+    )
     text = json.dumps(dashboard)
     used = set(re.findall(r"\b(sidecar_[a-z_]+)", text))
     used = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
