@@ -313,7 +313,9 @@ def load_settings(
 
     for name in scalar_names:
         raw = env.get(f"{ENV_PREFIX}{name.upper()}")
-        if raw is not None and raw != "":
+        # An empty variable is unset, except for text settings where empty means something
+        # (SIDECAR_METRICS_ADDRESS= turns off the endpoint an image's default turned on).
+        if raw is not None and (raw != "" or _scalar_type(hints[name]) is str):
             merged[name] = _coerce(name, raw, hints[name])
     if env.get(f"{ENV_PREFIX}MODELS"):
         models = tuple(parse_model_spec(s) for s in env[f"{ENV_PREFIX}MODELS"].split(","))

@@ -215,6 +215,17 @@ def test_standalone_with_every_option(chart: helm_python.Chart) -> None:
         assert names.index(referenced) < names.index("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
+def test_metrics_off(chart: helm_python.Chart) -> None:
+    manifests = render(chart, {"metrics": {"enabled": False, "monitor": {"enabled": True}}})
+    container = server(pod(manifests))
+    # Empty turns the endpoint off, over the image's 0.0.0.0:9464.
+    assert env(container)["SIDECAR_METRICS_ADDRESS"] == ""
+    assert "sidecar-metrics" not in {p["name"] for p in container["ports"]}
+    assert "annotations" not in manifests["Deployment"][0]["spec"]["template"]["metadata"]
+    assert "metrics" not in {p["name"] for p in manifests["Service"][0]["spec"]["ports"]}
+    assert "ServiceMonitor" not in manifests
+
+
 def test_cuda(chart: helm_python.Chart) -> None:
     spec = pod(render(chart, {"device": "cuda", "gpu": {"nodeSelector": {"gpu": "h100"}}}))
     container = server(spec)

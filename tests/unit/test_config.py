@@ -47,6 +47,17 @@ def test_env_models_and_booleans() -> None:
     assert settings.verify_checksums is False
 
 
+def test_empty_variables_clear_text_settings_only() -> None:
+    env = {
+        "SIDECAR_MODELS": "/m/x",
+        "SIDECAR_METRICS_ADDRESS": "",  # turns the endpoint off, over an image's default
+        "SIDECAR_MAX_CLIENT_BATCH_SIZE": "",  # unset: the default
+    }
+    settings = load_settings({}, env=env)
+    assert settings.metrics_address == ""
+    assert settings.max_client_batch_size == Settings().max_client_batch_size
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
