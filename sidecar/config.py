@@ -236,6 +236,16 @@ def _validate(settings: Settings) -> Settings:
             raise ConfigError(
                 f"setting {name!r} must not be negative, got {getattr(settings, name)}"
             )
+    # gRPC holds both in a C int (the age in milliseconds).
+    if settings.max_message_bytes > 2**31 - 1:
+        raise ConfigError(
+            f"max_message_bytes {settings.max_message_bytes} is over gRPC's limit of {2**31 - 1}"
+        )
+    if settings.max_connection_age_s * 1000 > 2**31 - 1:
+        raise ConfigError(
+            f"max_connection_age_s {settings.max_connection_age_s} is over gRPC's limit of "
+            f"{(2**31 - 1) // 1000} s"
+        )
     if settings.max_queue_size < settings.max_client_batch_size:
         raise ConfigError(
             f"max_queue_size {settings.max_queue_size} is below max_client_batch_size "

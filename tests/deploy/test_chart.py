@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import typing
 import urllib.request
 from collections.abc import Iterator
@@ -45,12 +46,18 @@ def chart() -> Iterator[helm_python.Chart]:
 
 
 @pytest.fixture(scope="module")
-def example(tmp_path_factory: pytest.TempPathFactory) -> Iterator[helm_python.Chart]:
+def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example app chart with its dependency built from the committed Chart.lock."""
     helm = tmp_path_factory.mktemp("charts") / "helm"
     shutil.copytree(ROOT / "helm", helm, ignore=shutil.ignore_patterns("charts"))
-    helm_python.dependency_build(helm / "examples" / "ticket-service")
-    loaded = helm_python.Chart.load(helm / "examples" / "ticket-service")
+    built = helm / "examples" / "ticket-service"
+    helm_python.dependency_build(built)
+    return built
+
+
+@pytest.fixture(scope="module")
+def example(example_dir: Path) -> Iterator[helm_python.Chart]:
+    loaded = helm_python.Chart.load(example_dir)
     yield loaded
     loaded.close()
 
@@ -189,6 +196,8 @@ def test_standalone_with_every_option(chart: helm_python.Chart) -> None:
     (hpa,) = manifests["HorizontalPodAutoscaler"]
     assert hpa["spec"]["maxReplicas"] == 6
     assert manifests["Service"][0]["spec"]["clusterIP"] == "None"
+    # Scraped by the ServiceMonitor only, not by annotations too.
+    assert "annotations" not in manifests["Deployment"][0]["spec"]["template"]["metadata"]
     (monitor,) = manifests["ServiceMonitor"]
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
@@ -235,6 +244,9 @@ def test_cuda(chart: helm_python.Chart) -> None:
     assert env(container)["SIDECAR_DEVICE"] == "cuda"
     assert spec["nodeSelector"] == {"gpu": "h100"}
     assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # The user's own GPU count wins over gpu.count.
+    two = {"device": "cuda", "resources": {"limits": {"nvidia.com/gpu": 2, "memory": "8Gi"}}}
+    assert server(pod(render(chart, two)))["resources"]["limits"]["nvidia.com/gpu"] == 2
     cpu = pod(render(chart))
     assert "nodeSelector" not in cpu
     assert "tolerations" not in cpu
@@ -318,9 +330,9 @@ def test_example_app_chart_runs_a_native_sidecar(example: helm_python.Chart) -> 
     (test_pod,) = manifests["Pod"]
     assert "support-ticket-service:50052" in test_pod["spec"]["containers"][0]["command"]
     (service,) = manifests["Service"]
-    assert {"name": "sidecar-health", "port": 50052, "targetPort": "sidecar-health"}.items() <= {
-        **next(p for p in service["spec"]["ports"] if p["name"] == "sidecar-health")
-    }.items()
+    # By number: Services resolve native sidecars' port names only from Kubernetes 1.32.
+    health = next(p for p in service["spec"]["ports"] if p["name"] == "sidecar-health")
+    assert (health["port"], health["targetPort"]) == (50052, 50052)
 
 
 def test_example_with_a_unix_socket_and_a_regular_container(example: helm_python.Chart) -> None:
@@ -380,6 +392,24 @@ def test_sidecar_mode_pod_monitor(example: helm_python.Chart) -> None:
             "model names must be unique",
         ),
         ({"defaultModel": "nope"}, 'defaultModel "nope" is not one of the models'),
+        ({"service": {"port": 50052}}, "service.port, healthPort and metrics.port must differ"),
+        (
+            {"service": {"headless": True, "type": "LoadBalancer"}},
+            "service.headless needs service.type ClusterIP",
+        ),
+        (
+            {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}},
+            "autoscaling.minReplicas 5 is above maxReplicas 3",
+        ),
+        ({"config": {"max_message_bytes": 2**31}}, "at '/config/max_message_bytes': maximum"),
+        ({"probes": {"liveness": {"successThreshold": 2}}}, "'successThreshold' not allowed"),
+        (
+            {"models": [{"name": "x", "image": {"reference": "r/m:1", "subPath": "m"}}]},
+            "'subPath' not allowed",
+        ),
+        ({"models": [{"name": "x", "path": "/a,b=/c"}]}, "at '/models/0/path'"),
+        ({"otel": {"resourceAttributes": {"team": "a,b=c"}}}, "at '/otel/resourceAttributes/team'"),
+        ({"resources": {"requests": {"cpu": "."}}}, "at '/resources/requests/cpu'"),
     ],
 )
 def test_bad_values_are_refused_at_render_time(
@@ -388,12 +418,79 @@ def test_bad_values_are_refused_at_render_time(
     assert message in rejected(chart, values)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"transport": "unix", "socket": {"dir": "/tmp/"}}, "socket.dir must not be /tmp"),
+        ({"transport": "unix", "socket": {"dir": "/" + "d" * 110}}, "Unix sockets allow 107"),
+    ],
+)
+def test_bad_sidecar_values_are_refused(
+    example: helm_python.Chart, values: dict[str, Any], message: str
+) -> None:
+    assert message in rejected(example, {"sidecar": values})
+
+
+def test_queue_limits_the_server_would_refuse_fail_at_render_time(
+    chart: helm_python.Chart,
+) -> None:
+    """The chart knows the server's defaults: a queue below them cannot start."""
+    defaults = config.Settings()
+    room = defaults.max_rerank_passages  # the larger of the two
+    render(chart, {"config": {"max_queue_size": room}})
+    short = rejected(chart, {"config": {"max_queue_size": room - 1}})
+    assert f"max_queue_size {room - 1} is below config.max_rerank_passages {room}" in short
+    calls = {"max_queue_size": defaults.max_client_batch_size - 1, "max_rerank_passages": 1}
+    assert "below config.max_client_batch_size" in rejected(chart, {"config": calls})
+
+
+def test_user_strings_stay_strings(chart: helm_python.Chart) -> None:
+    """Names that YAML would retype (numbers, booleans, null) reach Kubernetes as strings."""
+    models = [
+        {"name": "a", "pvc": {"claimName": "1234", "subPath": "null"}},
+        {
+            "name": "b",
+            "export": {"checkpoint": "org/m", "revision": "0123", "tokenSecret": {"name": "007"}},
+        },
+    ]
+    otel = {"extraEnv": {"OTEL_BSP_MAX_QUEUE_SIZE": 1000000, "OTEL_TRACES_EXPORTER": "console"}}
+    values = {"models": models, "otel": otel, "podAnnotations": {"prometheus.io/scrape": "false"}}
+    manifests = render(chart, values)
+    spec = pod(manifests)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["sidecar-model-a"]["persistentVolumeClaim"]["claimName"] == "1234"
+    mount = next(m for m in server(spec)["volumeMounts"] if m["name"] == "sidecar-model-a")
+    assert mount["subPath"] == "null"
+    (export,) = spec["initContainers"]
+    assert "--revision=0123" in export["args"]
+    token = next(e for e in export["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "007"
+    variables = env(server(spec))
+    assert variables["OTEL_BSP_MAX_QUEUE_SIZE"] == "1000000"
+    assert variables["OTEL_TRACES_EXPORTER"] == "console"  # honoured with no endpoint
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in variables
+    # The user's annotations win over the chart's.
+    annotations = manifests["Deployment"][0]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "false"
+
+
+def test_threads_follow_the_cpu_limit_without_a_request(chart: helm_python.Chart) -> None:
+    values = {"resources": {"requests": None, "limits": {"cpu": "3", "memory": "2Gi"}}}
+    assert env(server(pod(render(chart, values))))["SIDECAR_INTRA_OP_THREADS"] == "3"
+    values = {"config": {"intra_op_threads": 0}}  # 0: ONNX Runtime's own choice
+    assert env(server(pod(render(chart, values))))["SIDECAR_INTRA_OP_THREADS"] == "0"
+
+
+def test_an_app_chart_can_switch_the_dependency_off(example: helm_python.Chart) -> None:
+    render(example, {"sidecar": {"enabled": True}})
+
+
 def test_bad_values_of_the_dependency_fail_the_app_chart(example: helm_python.Chart) -> None:
     assert "at '/device'" in rejected(example, {"sidecar": {"device": "tpu"}})
 
 
-def test_lint_is_clean(example: helm_python.Chart) -> None:
-    for path in (CHART, ROOT / "helm" / "examples" / "ticket-service"):
+def test_lint_is_clean(example_dir: Path) -> None:
+    for path in (CHART, example_dir):
         result = helm_python.lint(path, strict=True, with_subcharts=True)
         # Severity 1 is informational (Helm suggests an icon); 2 and up are warnings, errors.
         assert [m for m in result["messages"] if m["severity"] >= 2] == [], path
@@ -424,10 +521,11 @@ def test_a_real_server_answers_the_probes_and_the_app_as_the_chart_configures_it
     """`sidecar serve` with the env the chart renders: every probe the kubelet would send
     gets SERVING, the app's address reaches the model, SIGTERM drains within the pod's grace."""
     health_port, metrics_port = free_port(), free_port()
+    socket_dir = Path(tempfile.mkdtemp(prefix="sock"))  # short: socket paths stop at 107 bytes
     values = {
         "sidecar": {
             "transport": "unix",
-            "socket": {"dir": str(tmp_path), "name": "sidecar.sock"},
+            "socket": {"dir": str(socket_dir), "name": "sidecar.sock"},
             "models": [{"name": "minilm", "path": str(minilm_dir)}],
             "healthPort": health_port,
             "metrics": {"port": metrics_port},
@@ -457,11 +555,13 @@ def test_a_real_server_answers_the_probes_and_the_app_as_the_chart_configures_it
         if process.poll() is None:
             process.kill()
             process.wait()
+        shutil.rmtree(socket_dir)
 
 
 def test_image_tags_follow_the_app_version() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["image"]["tag"] == app_version()
+    assert values["image"]["cudaTag"] == f"{app_version()}-cuda"
     assert values["exportImage"]["tag"] == f"{app_version()}-export"
 
 

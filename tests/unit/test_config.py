@@ -71,6 +71,8 @@ def test_empty_variables_clear_text_settings_only() -> None:
         ({"SIDECAR_MAX_BATCH_TOKENS": "0"}, "'max_batch_tokens' must be at least 1"),
         ({"SIDECAR_MAX_BATCH_DELAY_MS": "-1"}, "'max_batch_delay_ms' must not be negative"),
         ({"SIDECAR_MAX_CONCURRENT_REQUESTS": "0"}, "'max_concurrent_requests' must be at least"),
+        ({"SIDECAR_MAX_MESSAGE_BYTES": "2147483648"}, "over gRPC's limit of 2147483647"),
+        ({"SIDECAR_MAX_CONNECTION_AGE_S": "3000000"}, "over gRPC's limit of 2147483 s"),
         (
             {"SIDECAR_MAX_QUEUE_SIZE": "16"},
             "max_queue_size 16 is below max_client_batch_size 64: a full-size call could never",

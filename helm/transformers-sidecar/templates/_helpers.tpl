@@ -48,12 +48,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
-{{/* repository:tag, or repository@digest. Takes (dict "image" ... "suffix" ...). */}}
+{{/* repository@digest, else repository:tag (cudaTag on GPUs). Takes (dict "image" ... "cuda" bool). */}}
 {{- define "sidecar.imageRef" -}}
 {{- if .image.digest -}}
 {{- printf "%s@%s" .image.repository .image.digest -}}
 {{- else -}}
-{{- printf "%s:%s%s" .image.repository .image.tag .suffix -}}
+{{- printf "%s:%s" .image.repository (ternary .image.cudaTag .image.tag (and .cuda (hasKey .image "cudaTag"))) -}}
 {{- end -}}
 {{- end -}}
 
@@ -66,9 +66,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* ONNX Runtime threads from the CPU request, rounded up (at least 1); empty when none. */}}
+{{/* ONNX Runtime threads from the CPU request (else limit), rounded up, at least 1; empty when none. */}}
 {{- define "sidecar.threads" -}}
-{{- $cpu := toString (dig "requests" "cpu" "" .) -}}
+{{- $resources := . | default dict -}}
+{{- $cpu := toString (dig "requests" "cpu" (dig "limits" "cpu" "" $resources) $resources) -}}
 {{- if hasSuffix "m" $cpu -}}
 {{- max 1 (int (ceil (divf (float64 (trimSuffix "m" $cpu)) 1000))) -}}
 {{- else if $cpu -}}
@@ -114,7 +115,7 @@ The pod's terminationGracePeriodSeconds: whatever runs before SIGTERM reaches th
 (preStop, or the app's drain), then the server's drain, then 5 s to flush traces and exit.
 */}}
 {{- define "sidecar.gracePeriod" -}}
-{{- $drain := ceil (float64 (dig "grace_period_s" 10 .v.config)) -}}
+{{- $drain := ceil (float64 (dig "grace_period_s" 10 (.v.config | default dict))) -}}
 {{- $before := ternary .v.shutdown.preStopSleepSeconds .v.shutdown.appDrainSeconds .standalone -}}
 {{- add (int $before) (int $drain) 5 -}}
 {{- end -}}
@@ -126,6 +127,37 @@ The pod's terminationGracePeriodSeconds: whatever runs before SIGTERM reaches th
 {{- if or .standalone (eq .v.transport "tcp") -}}{{- $ports = append $ports (include "sidecar.number" .v.port) -}}{{- end -}}
 {{- if ne (len $ports) (len (uniq $ports)) -}}
 {{- fail (printf "port, healthPort and metrics.port must differ; got %s" (join ", " $ports)) -}}
+{{- end -}}
+{{- if .standalone -}}
+{{- $service := list (include "sidecar.number" .v.service.port) (include "sidecar.number" .v.healthPort) -}}
+{{- if .v.metrics.enabled -}}{{- $service = append $service (include "sidecar.number" .v.metrics.port) -}}{{- end -}}
+{{- if ne (len $service) (len (uniq $service)) -}}
+{{- fail (printf "service.port, healthPort and metrics.port must differ; got %s" (join ", " $service)) -}}
+{{- end -}}
+{{- if and .v.service.headless (ne .v.service.type "ClusterIP") -}}
+{{- fail (printf "service.headless needs service.type ClusterIP, not %s" .v.service.type) -}}
+{{- end -}}
+{{- if and .v.autoscaling.enabled (gt (int .v.autoscaling.minReplicas) (int .v.autoscaling.maxReplicas)) -}}
+{{- fail (printf "autoscaling.minReplicas %v is above maxReplicas %v" .v.autoscaling.minReplicas .v.autoscaling.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq .v.transport "unix" -}}
+{{- $socket := printf "%s/%s" .v.socket.dir .v.socket.name -}}
+{{- if gt (len $socket) 107 -}}
+{{- fail (printf "socket path %s is %d bytes; Unix sockets allow 107" $socket (len $socket)) -}}
+{{- end -}}
+{{- if eq (clean .v.socket.dir) "/tmp" -}}
+{{- fail "socket.dir must not be /tmp (the sidecar's scratch volume is mounted there)" -}}
+{{- end -}}
+{{- end -}}
+{{- /* The server refuses these at start: say so at render time, with its defaults. */ -}}
+{{- $config := .v.config | default dict -}}
+{{- $queue := dig "max_queue_size" 1024 $config | int64 -}}
+{{- range $key, $default := dict "max_client_batch_size" 64 "max_rerank_passages" 128 -}}
+{{- $wanted := dig $key $default $config | int64 -}}
+{{- if lt $queue $wanted -}}
+{{- fail (printf "config.max_queue_size %d is below config.%s %d: a full call could never be queued, and the server refuses to start" $queue $key $wanted) -}}
+{{- end -}}
 {{- end -}}
 {{- if and .standalone (eq .v.transport "unix") -}}
 {{- fail "transport: unix works in sidecar mode only (a socket is reachable from the same pod); standalone mode listens on tcp" -}}

@@ -51,13 +51,13 @@ and "sidecar.container" renders nothing; otherwise it is a regular container and
 {{- $v := include "sidecar.values" . | fromYaml -}}
 {{- if eq $v.transport "unix" -}}
 - name: sidecar-socket
-  mountPath: {{ $v.socket.dir }}
+  mountPath: {{ $v.socket.dir | quote }}
 {{- end -}}
 {{- end -}}
 
 {{- define "sidecar.podAnnotations" -}}
 {{- $v := include "sidecar.values" . | fromYaml -}}
-{{- if and $v.metrics.enabled $v.metrics.scrapeAnnotations -}}
+{{- if and $v.metrics.enabled $v.metrics.scrapeAnnotations (not $v.metrics.monitor.enabled) -}}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ include "sidecar.number" $v.metrics.port | quote }}
 prometheus.io/path: /metrics
@@ -91,7 +91,7 @@ prometheus.io/path: /metrics
 {{- range $model := $v.models }}
 {{- with $model.export }}
 - name: {{ printf "export-%s" $model.name | trunc 63 }}
-  image: {{ include "sidecar.imageRef" (dict "image" $v.exportImage "suffix" "") }}
+  image: {{ include "sidecar.imageRef" (dict "image" $v.exportImage "cuda" false) }}
   imagePullPolicy: {{ $v.exportImage.pullPolicy }}
   args:
     - {{ .checkpoint | quote }}
@@ -100,7 +100,7 @@ prometheus.io/path: /metrics
     # An earlier attempt of this pod may have left a partial dir.
     - --force
     {{- with .revision }}
-    - --revision={{ . }}
+    - {{ printf "--revision=%s" . | quote }}
     {{- end }}
     {{- with .task }}
     - --task={{ . }}
@@ -114,6 +114,9 @@ prometheus.io/path: /metrics
     {{- with .maxLength }}
     - --max-length={{ include "sidecar.number" . }}
     {{- end }}
+    {{- range .extraArgs }}
+    - {{ . | quote }}
+    {{- end }}
   env:
     - name: HOME
       value: /tmp
@@ -125,8 +128,8 @@ prometheus.io/path: /metrics
     - name: HF_TOKEN
       valueFrom:
         secretKeyRef:
-          name: {{ .name }}
-          key: {{ .key | default "token" }}
+          name: {{ .name | quote }}
+          key: {{ .key | default "token" | quote }}
     {{- end }}
   resources:
     {{- toYaml $v.export.resources | nindent 4 }}
@@ -148,15 +151,16 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
 {{- define "sidecar.server" -}}
 {{- $v := .v -}}
 {{- include "sidecar.check" . -}}
-{{- $threads := dig "intra_op_threads" "" $v.config | toString -}}
+{{- $config := $v.config | default dict -}}
+{{- $cuda := eq $v.device "cuda" -}}
 - name: transformers-sidecar
-  image: {{ include "sidecar.imageRef" (dict "image" $v.image "suffix" (ternary "-cuda" "" (eq $v.device "cuda"))) }}
+  image: {{ include "sidecar.imageRef" (dict "image" $v.image "cuda" $cuda) }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
   {{- if .native }}
   restartPolicy: Always
   {{- end }}
   ports:
-    {{- if or .standalone (eq $v.transport "tcp") }}
+    {{- if .standalone }}
     - name: sidecar-grpc
       containerPort: {{ include "sidecar.number" $v.port }}
       protocol: TCP
@@ -170,7 +174,6 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
       protocol: TCP
     {{- end }}
   env:
-    {{- if $v.otel.endpoint }}
     # Downward API first: the OTEL_* values below refer to these.
     - name: POD_NAME
       valueFrom:
@@ -188,7 +191,6 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
       valueFrom:
         fieldRef:
           fieldPath: status.hostIP
-    {{- end }}
     - name: SIDECAR_ADDRESS
       value: {{ include "sidecar.listenAddress" . | quote }}
     - name: SIDECAR_HEALTH_ADDRESS
@@ -203,16 +205,16 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
     {{- end }}
     - name: SIDECAR_DEVICE
       value: {{ $v.device | quote }}
-    {{- if and (not $threads) (include "sidecar.threads" $v.resources) }}
+    {{- if and (not (hasKey $config "intra_op_threads")) (include "sidecar.threads" $v.resources) }}
     - name: SIDECAR_INTRA_OP_THREADS
       value: {{ include "sidecar.threads" $v.resources | quote }}
     {{- end }}
-    {{- if and .standalone (not (hasKey $v.config "max_connection_age_s")) }}
+    {{- if and .standalone (not (hasKey $config "max_connection_age_s")) }}
     # Clients move to new connections now and then, so added replicas get traffic.
     - name: SIDECAR_MAX_CONNECTION_AGE_S
       value: "300"
     {{- end }}
-    {{- range $key, $value := $v.config }}
+    {{- range $key, $value := $config }}
     - name: {{ printf "SIDECAR_%s" (upper $key) }}
       value: {{ include "sidecar.number" $value | quote }}
     {{- end }}
@@ -221,16 +223,18 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
     - name: HOME
       value: /tmp
     {{- with $v.otel }}
-    {{- if .endpoint }}
+    {{- with .endpoint }}
+    # Tracing is on once an endpoint is set (or OTEL_TRACES_EXPORTER in extraEnv).
     - name: OTEL_EXPORTER_OTLP_ENDPOINT
-      value: {{ .endpoint | quote }}
+      value: {{ . | quote }}
+    {{- end }}
     - name: OTEL_SERVICE_NAME
       value: {{ .serviceName | default "transformers-sidecar" | quote }}
     - name: OTEL_TRACES_SAMPLER
       value: {{ .sampler | quote }}
     {{- with .samplerArg }}
     - name: OTEL_TRACES_SAMPLER_ARG
-      value: {{ . | quote }}
+      value: {{ include "sidecar.number" . | quote }}
     {{- end }}
     {{- $attributes := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" "k8s.node.name=$(NODE_NAME)" "k8s.container.name=transformers-sidecar" }}
     {{- range $key, $value := .resourceAttributes }}
@@ -240,8 +244,7 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
       value: {{ join "," $attributes | quote }}
     {{- range $key, $value := .extraEnv }}
     - name: {{ $key }}
-      value: {{ $value | toString | quote }}
-    {{- end }}
+      value: {{ include "sidecar.number" $value | quote }}
     {{- end }}
     {{- end }}
     {{- with $v.extraEnv }}
@@ -273,9 +276,9 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
         seconds: {{ $sleep }}
   {{- end }}
   resources:
-    {{- $resources := deepCopy $v.resources }}
-    {{- if eq $v.device "cuda" }}
-    {{- $limits := merge (dict $v.gpu.resource (include "sidecar.number" $v.gpu.count | int)) (default dict $resources.limits) }}
+    {{- $resources := deepCopy ($v.resources | default dict) }}
+    {{- if $cuda }}
+    {{- $limits := merge (deepCopy ($resources.limits | default dict)) (dict $v.gpu.resource (include "sidecar.number" $v.gpu.count | int)) }}
     {{- $_ := set $resources "limits" $limits }}
     {{- end }}
     {{- toYaml $resources | nindent 4 }}
@@ -286,7 +289,7 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
       mountPath: /tmp
     {{- if and (not .standalone) (eq $v.transport "unix") }}
     - name: sidecar-socket
-      mountPath: {{ $v.socket.dir }}
+      mountPath: {{ $v.socket.dir | quote }}
     {{- end }}
     {{- if include "sidecar.exportsAny" $v }}
     - name: sidecar-exports
@@ -296,11 +299,11 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
     {{- range $v.models }}
     {{- if or .pvc .image }}
     - name: {{ printf "sidecar-model-%s" .name | trunc 63 }}
-      mountPath: {{ include "sidecar.modelPath" . }}
+      mountPath: {{ include "sidecar.modelPath" . | quote }}
       readOnly: true
-      {{- with (.pvc | default .image).subPath }}
-      subPath: {{ . }}
-      {{- end }}
+      {{- with .pvc }}{{ with .subPath }}
+      subPath: {{ . | quote }}
+      {{- end }}{{ end }}
     {{- end }}
     {{- end }}
 {{- end -}}
@@ -343,12 +346,12 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
 {{- if .pvc }}
 - name: {{ printf "sidecar-model-%s" .name | trunc 63 }}
   persistentVolumeClaim:
-    claimName: {{ .pvc.claimName }}
+    claimName: {{ .pvc.claimName | quote }}
     readOnly: true
 {{- else if .image }}
 - name: {{ printf "sidecar-model-%s" .name | trunc 63 }}
   image:
-    reference: {{ .image.reference }}
+    reference: {{ .image.reference | quote }}
     pullPolicy: {{ .image.pullPolicy | default "IfNotPresent" }}
 {{- end }}
 {{- end }}
