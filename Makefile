@@ -11,7 +11,7 @@ MODELS_DIR ?= models
 DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
 ADDRESS ?= 127.0.0.1:50051
 
-.PHONY: help install run export-default proto lint format test bench coldstart clean
+.PHONY: help install run export-default proto lint format test bench coldstart images clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -55,6 +55,15 @@ bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## sidecar vs in-process ceiling
 
 coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from launch to SERVING
 	$(PY) tools/coldstart.py $(DEFAULT_MODEL) --runs 5
+
+IMAGE ?= transformers-sidecar
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:  ## build the container images: CPU with the default model, runtime, export, CUDA (needs Docker with BuildKit)
+	@command -v docker >/dev/null || { echo "make images needs docker (with BuildKit)"; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t $(IMAGE):$(VERSION) .
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile --target runtime -t $(IMAGE):$(VERSION)-runtime .
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile --target export -t $(IMAGE):$(VERSION)-export .
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile --build-arg FLAVOR=cuda -t $(IMAGE):$(VERSION)-cuda .
 
 clean:  ## remove the venv, exported models and caches
 	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache
