@@ -76,6 +76,16 @@ async def submit(
     return job.rows
 
 
+async def queued(batcher: Batcher[Text], count: int) -> None:
+    """Wait until `count` inputs are queued (tokenized, in no batch yet): a fixed sleep is
+    not always long enough on a loaded machine."""
+    for _ in range(5000):
+        if len(batcher._pending) >= count:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"{count} inputs were not queued in time")
+
+
 async def hold_first_batch(batcher: Batcher[Text], model: Model) -> asyncio.Task[np.ndarray]:
     """Start one call and keep its batch running (the gate is shut) so others must queue."""
     model.gate.clear()
@@ -133,7 +143,7 @@ async def test_results_go_back_to_the_right_caller(
     first = await hold_first_batch(batcher, model)
     calls = [[Text(10 * c + i, 8 + 3 * c + i) for i in range(c % 3 + 1)] for c in range(20)]
     tasks = [asyncio.create_task(submit(batcher, texts)) for texts in calls]
-    await asyncio.sleep(0.05)
+    await queued(batcher, sum(len(texts) for texts in calls))
     model.gate.set()
     results = await asyncio.gather(*tasks)
     for texts, rows in zip(calls, results, strict=True):
@@ -153,7 +163,7 @@ async def test_batches_keep_the_token_budget_and_the_count_cap(
     first = await hold_first_batch(batcher, model)
     lengths = [8, 200, 120, 30, 250, 64, 64, 64, 64, 64, 64, 64, 64, 64, 100, 16, 17, 18]
     tasks = [asyncio.create_task(submit(batcher, [Text(i, n)])) for i, n in enumerate(lengths)]
-    await asyncio.sleep(0.05)
+    await queued(batcher, len(lengths))
     model.gate.set()
     await asyncio.gather(first, *tasks)
     for batch in model.batches[1:]:
@@ -176,7 +186,7 @@ async def test_a_backend_error_reaches_every_caller_of_that_batch(
     first = await hold_first_batch(batcher, model)
     model.poison = {1}
     tasks = [asyncio.create_task(submit(batcher, [Text(i, 50)])) for i in range(4)]
-    await asyncio.sleep(0.05)
+    await queued(batcher, 4)
     model.gate.set()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     failed_batch = next(b for b in model.batches if any(t.tag == 1 for t in b))
@@ -228,7 +238,7 @@ async def test_a_cancelled_call_leaves_the_queue(
     batcher = make(model, pools)
     first = await hold_first_batch(batcher, model)
     gone = asyncio.create_task(submit(batcher, [Text(5, 20), Text(6, 21)]))
-    await asyncio.sleep(0.05)
+    await queued(batcher, 2)
     assert batcher.depth == 2
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -249,7 +259,7 @@ async def test_a_full_queue_refuses_at_once_with_the_limit(
     batcher = make(model, pools, limits)
     first = await hold_first_batch(batcher, model)
     waiting = asyncio.create_task(submit(batcher, [Text(i, 10) for i in range(3)]))
-    await asyncio.sleep(0.05)
+    await queued(batcher, 3)
     began = time.monotonic()
     with pytest.raises(
         OverloadedError, match=r"3 inputs queued; 2 more would pass max_queue_size 4"
@@ -286,7 +296,7 @@ async def test_close_refuses_what_still_waits(
     batcher = make(model, pools)
     first = await hold_first_batch(batcher, model)
     waiting = asyncio.create_task(submit(batcher, [Text(5, 20)]))
-    await asyncio.sleep(0.05)
+    await queued(batcher, 1)
     await batcher.close()
     model.gate.set()
     for task in (first, waiting):
@@ -302,6 +312,7 @@ async def test_a_call_leaving_while_the_loop_waits_for_a_worker_breaks_nothing(
     batcher = make(model, pools, limits)
     first = await hold_first_batch(batcher, model)
     gone = asyncio.create_task(submit(batcher, [Text(5, 20)]))
+    await queued(batcher, 1)
     await asyncio.sleep(0.05)  # the loop now waits for the worker with `gone` queued
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -327,7 +338,7 @@ async def test_a_wrong_row_count_fails_the_batch_and_the_batcher_goes_on(
     first = await hold_first_batch(batcher, model)
     batcher._run_batch = short  # the next batches come back one row short
     tasks = [asyncio.create_task(submit(batcher, [Text(i, 30)])) for i in range(3)]
-    await asyncio.sleep(0.05)
+    await queued(batcher, 3)
     model.gate.set()
     await first
     for outcome in await asyncio.gather(*tasks, return_exceptions=True):
