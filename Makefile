@@ -12,7 +12,7 @@ DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
 ADDRESS ?= 127.0.0.1:50051
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help install run export-default proto contract-deps contract-snapshot lint format test bench coldstart images clean
+.PHONY: help install run export-default proto contract-deps contract-snapshot lint format test bench coldstart soak images clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -76,6 +76,10 @@ bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## sidecar vs in-process ceiling
 
 coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from launch to SERVING
 	$(PY) tools/coldstart.py $(DEFAULT_MODEL) --runs 5
+
+SOAK_ARGS ?= --callers 200 --seconds 30
+soak: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## overload a real server and account for every call (SOAK_ARGS=--callers 200 --seconds 30)
+	$(PY) -m tools.soak $(DEFAULT_MODEL) $(SOAK_ARGS)
 
 IMAGE ?= transformers-sidecar
 images:  ## build the container images: CPU with the default model, runtime, export, CUDA (needs Docker with BuildKit)

@@ -52,9 +52,23 @@ def resolve(
     elif local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ExportError(f"{name} is neither a checkpoint directory nor a Hub id like org/model")
     else:
+        if trust_remote_code and not _is_commit(revision):
+            raise ExportError(
+                f"--trust-remote-code runs {name}'s own Python code: pin --revision to a full "
+                f"commit sha (40 hex characters), not {revision or 'the main branch'!r}, so the "
+                "code you reviewed is the code that runs"
+            )
         source = _from_hub(name, revision, allow_pickle, trust_remote_code)
     check_weights(source.path, allow_pickle)
     return source
+
+
+def _is_commit(revision: str | None) -> bool:
+    return (
+        revision is not None
+        and len(revision) == 40
+        and all(c in "0123456789abcdef" for c in revision)
+    )
 
 
 def _from_hub(repo_id: str, revision: str | None, allow_pickle: bool, remote_code: bool) -> Source:

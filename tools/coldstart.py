@@ -25,6 +25,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float = 60) -> float:
+    """Poll grpc.health.v1 on `target` until SERVING; returns the seconds waited."""
+    started = time.perf_counter()
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.perf_counter() - started < timeout:
+            if process.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {process.returncode} before SERVING")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.perf_counter() - started
+            except grpc.RpcError:
+                pass
+            time.sleep(0.01)
+    raise RuntimeError(f"sidecar did not report SERVING within {timeout:.0f}s")
+
+
 def one_run(model_dir: Path) -> float:
     """Seconds from process launch to SERVING."""
     address = f"127.0.0.1:{free_port()}"
@@ -33,17 +51,8 @@ def one_run(model_dir: Path) -> float:
     command = [sidecar, "serve", "--model", str(model_dir), "--address", address]
     process = subprocess.Popen([*command, "--log-level", "WARNING"])
     try:
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while process.poll() is None:
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return time.perf_counter() - started
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.01)
-        raise SystemExit(f"sidecar exited with {process.returncode} before SERVING")
+        wait_serving(address, process)
+        return time.perf_counter() - started
     finally:
         process.terminate()
         process.wait()

@@ -94,6 +94,26 @@ def test_local_dirs_and_bad_names(tmp_path: Path, classifier_source: Path) -> No
     source.check_weights(tmp_path, allow_pickle=True)
 
 
+@pytest.mark.parametrize("revision", [None, "main", "v1.2", "3f1c2b7"])
+def test_remote_code_needs_a_commit_pinned_revision(
+    revision: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError, match="pin --revision to a full commit sha"):
+        source.resolve("acme/custom-model", revision, trust_remote_code=True)
+
+
+def test_a_pinned_revision_lets_remote_code_through_to_the_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    # Past the pin check, the download is tried: offline and not cached, it says so.
+    with pytest.raises(ExportError, match="not in the local Hugging Face cache"):
+        source.resolve("acme/custom-model", commit, trust_remote_code=True)
+
+
 def matmul_graph() -> onnx.ModelProto:
     """Square and non-square weight MatMuls, an activation x activation MatMul and a Gather."""
     from onnx import TensorProto, helper, numpy_helper
