@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,6 +13,8 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sidecar.config import is_local_address
+from sidecar.errors import SidecarError
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -26,9 +29,60 @@ def _print(message: Message) -> None:
     )
 
 
+def _call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The deadline and, with a token, the authorization metadata of every call."""
+    options: dict[str, Any] = {"timeout": args.timeout}
+    if args.token:
+        options["metadata"] = (("authorization", f"Bearer {args.token}"),)
+    return options
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise SidecarError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token of --token-file, whitespace around it stripped."""
+    if not args.token_file:
+        return None
+    token = _read(args.token_file, "--token-file").decode("ascii", "replace").strip()
+    if not token:
+        raise SidecarError(f"--token-file {args.token_file} is empty")
+    return token
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to --address: TLS when any --tls option is given, else plain text."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SidecarError("--tls-cert and --tls-key go together: give both for mTLS, or neither")
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_server_name):
+        if args.token and not is_local_address(args.address):
+            print(
+                f"warning: sending the token to {args.address} in plain text; use --tls-ca "
+                "(or --tls) if the server has TLS",
+                file=sys.stderr,
+            )
+        return grpc.insecure_channel(args.address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca, "--tls-ca") if args.tls_ca else None,
+        private_key=_read(args.tls_key, "--tls-key") if args.tls_key else None,
+        certificate_chain=_read(args.tls_cert, "--tls-cert") if args.tls_cert else None,
+    )
+    options = []
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    elif args.address.startswith("unix:"):
+        # A socket path is no host name: check the certificate against localhost.
+        options.append(("grpc.ssl_target_name_override", "localhost"))
+    return grpc.secure_channel(args.address, credentials, options=options)
+
+
 def _embed(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
     response: pb.EmbedResponse = stub.Embed(
-        pb.EmbedRequest(model=args.model, inputs=args.texts), timeout=args.timeout
+        pb.EmbedRequest(model=args.model, inputs=args.texts), **_call_options(args)
     )
     if not args.full:
         # Show a few values of each vector; --full prints them all.
@@ -40,13 +94,13 @@ def _embed(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> 
 def _classify(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
     return stub.Classify(
         pb.ClassifyRequest(model=args.model, inputs=args.texts, top_k=args.top_k),
-        timeout=args.timeout,
+        **_call_options(args),
     )
 
 
 def _tokenize(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
     return stub.Tokenize(
-        pb.TokenizeRequest(model=args.model, inputs=args.texts), timeout=args.timeout
+        pb.TokenizeRequest(model=args.model, inputs=args.texts), **_call_options(args)
     )
 
 
@@ -54,7 +108,7 @@ def _entities(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) 
     aggregation = pb.AggregationStrategy.Value(f"AGGREGATION_STRATEGY_{args.aggregation.upper()}")
     return stub.ExtractEntities(
         pb.ExtractEntitiesRequest(model=args.model, inputs=args.texts, aggregation=aggregation),
-        timeout=args.timeout,
+        **_call_options(args),
     )
 
 
@@ -63,7 +117,7 @@ def _rerank(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) ->
         pb.RerankRequest(
             model=args.model, query=args.query, inputs=args.passages, top_n=args.top_n
         ),
-        timeout=args.timeout,
+        **_call_options(args),
     )
 
 
@@ -78,7 +132,7 @@ def _generate(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) 
         request.seed = args.seed
     request.stop.extend(args.stop)
     last = pb.GenerateResponse()
-    for last in stub.Generate(request, timeout=args.timeout):
+    for last in stub.Generate(request, **_call_options(args)):
         print(last.text, end="", flush=True)
     print()
     last.ClearField("text")
@@ -87,18 +141,19 @@ def _generate(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) 
 
 
 def _call(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    args.token = _token(args)
+    with _channel(args) as channel:
         try:
             if args.call == "models":
                 _print(
                     models_pb2_grpc.ModelsStub(channel).ListModels(
-                        models_pb2.ListModelsRequest(), timeout=args.timeout
+                        models_pb2.ListModelsRequest(), **_call_options(args)
                     )
                 )
             elif args.call == "health":
                 stub = health_pb2_grpc.HealthStub(channel)
                 checked = stub.Check(
-                    health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                    health_pb2.HealthCheckRequest(service=args.service), **_call_options(args)
                 )
                 _print(checked)
                 # A failing exit status, as probes and `helm test` read it.
@@ -126,6 +181,26 @@ def add_parser(commands: Any) -> None:
     client.add_argument("--address", default="127.0.0.1:50051", help="host:port or unix:/path.sock")
     client.add_argument("--model", default="", help="model name (default: the server's default)")
     client.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    security = client.add_argument_group(
+        "transport security", "TLS is used when any --tls option is given; plain text otherwise"
+    )
+    security.add_argument(
+        "--tls", action="store_true", help="use TLS, checking the server against default roots"
+    )
+    security.add_argument("--tls-ca", metavar="FILE", help="PEM CA that signed the server's cert")
+    security.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate (mTLS)")
+    security.add_argument("--tls-key", metavar="FILE", help="PEM key of --tls-cert")
+    security.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name to check the server's certificate against (default: the address's host; "
+        "localhost for unix: sockets)",
+    )
+    security.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the bearer token to send ('-': read it from stdin)",
+    )
     client.set_defaults(run=_call)
     calls = client.add_subparsers(dest="call", required=True)
     embed = calls.add_parser("embed", help="embed texts")

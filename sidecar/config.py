@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import types
@@ -111,6 +112,22 @@ class Settings:
     metrics_address: str = _setting(
         "127.0.0.1:9464", "host:port of the Prometheus metrics endpoint; empty turns it off"
     )
+    tls_cert_file: str = _setting(
+        "",
+        "PEM certificate chain (server certificate first) for TLS on the main listener, with "
+        "tls_key_file; reloaded when the files change; empty = plain text",
+    )
+    tls_key_file: str = _setting("", "unencrypted PEM private key of tls_cert_file")
+    tls_client_ca_file: str = _setting(
+        "",
+        "PEM CA certificate(s): callers must present a client certificate they signed (mTLS); "
+        "needs tls_cert_file",
+    )
+    auth_token_file: str = _setting(
+        "",
+        "file holding a bearer token every call but health checks must carry as "
+        "`authorization: Bearer <token>` metadata; empty = none",
+    )
     log_format: str = _setting("json", "json (one object per line, with trace ids) or text")
     log_inputs: bool = _setting(
         False, "put request text in trace spans; off by default, since it may be personal data"
@@ -135,6 +152,48 @@ class Settings:
     def model_threads(self, model: ModelSettings) -> int:
         """The ONNX Runtime intra-op thread count of a model."""
         return self.intra_op_threads if model.intra_op_threads is None else model.intra_op_threads
+
+
+def check_transport_security(settings: Settings) -> None:
+    """Refuse a half-configured TLS (the files themselves are read when the server starts)."""
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        given, missing = (
+            ("tls_cert_file", "tls_key_file")
+            if settings.tls_cert_file
+            else ("tls_key_file", "tls_cert_file")
+        )
+        raise ConfigError(
+            f"{given} is set but {missing} is not: TLS needs both the certificate chain and "
+            "its private key (or neither, for plain text)"
+        )
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        raise ConfigError(
+            "tls_client_ca_file is set but TLS is not: client certificates are checked only "
+            "over TLS, so set tls_cert_file and tls_key_file too"
+        )
+
+
+def is_local_address(address: str) -> bool:
+    """Whether a listen or dial address stays on this host: a Unix socket, localhost, or a
+    loopback IP (127.0.0.0/8, ::1). Other host names and wildcards (0.0.0.0, [::]) do not."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    # Client targets may name their resolver: ipv4:, ipv6:, dns:[//authority/]host:port.
+    for scheme in ("ipv4:", "ipv6:", "dns:"):
+        address = address.removeprefix(scheme)
+    if address.startswith("//"):
+        address = address[2:].partition("/")[2]
+    host = address.rpartition(":")[0] if ":" in address else address
+    host = host.removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -256,6 +315,7 @@ def _validate(settings: Settings) -> Settings:
             f"max_queue_size {settings.max_queue_size} is below max_rerank_passages "
             f"{settings.max_rerank_passages}: a full Rerank call could never be queued"
         )
+    check_transport_security(settings)
     if settings.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format {settings.log_format!r} is not one of json, text")
     if settings.log_level.upper() not in LOG_LEVELS:

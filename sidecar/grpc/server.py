@@ -15,11 +15,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from sidecar.config import Settings
+from sidecar.config import Settings, is_local_address
 from sidecar.dataplane.registry import ModelRegistry
 from sidecar.dataplane.service import DataPlane
 from sidecar.domain import ModelState
 from sidecar.errors import ConfigError
+from sidecar.grpc.auth import BearerTokenInterceptor, TransportSecurity
 from sidecar.grpc.servicers import InferenceServicer, ModelsServicer
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.observer import Telemetry
@@ -50,9 +51,18 @@ class SidecarServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Certificates and token first: a bad file stops the start before anything runs.
+        self.security = TransportSecurity.load(settings)
         # Tracing follows the OTEL_* variables of the process, as the OTel SDK reads them.
         provider = tracer_provider(os.environ)
         self.telemetry = Telemetry(Metrics(), provider, settings.log_inputs)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if provider:
+            # Server spans that join the caller's trace (W3C traceparent / baggage metadata).
+            # First, so that a call the token check refuses still has its span and status.
+            interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
+        if self.security.token is not None:
+            interceptors.append(BearerTokenInterceptor(self.security.token, self._refused))
         self.registry = ModelRegistry(settings, self.telemetry.metrics.model_loaded)
         self._inference_pool = ThreadPoolExecutor(
             settings.inference_workers, thread_name_prefix="inference"
@@ -81,12 +91,7 @@ class SidecarServer:
                     else []
                 ),
             ],
-            # Server spans that join the caller's trace (W3C traceparent / baggage metadata).
-            interceptors=(
-                [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
-                if provider
-                else []
-            ),
+            interceptors=interceptors,
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.dataplane), self._server
@@ -105,6 +110,10 @@ class SidecarServer:
         self.port = self.metrics_port = self.health_port = 0
         self.ready_seconds = 0.0
 
+    def _refused(self, rpc: str) -> None:
+        """A call the token check refused, counted like any other answered call."""
+        self.telemetry.answered(rpc, "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
     async def _report(self, name: str, state: ModelState) -> None:
         if self._draining:
             return
@@ -117,14 +126,26 @@ class SidecarServer:
         """Bind, start answering (health NOT_SERVING), load the models, then report SERVING."""
         began = time.perf_counter()
         self = cls(settings)
+        credentials = self.security.server_credentials()
         try:
-            self.port = self._server.add_insecure_port(settings.address)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(settings.address)
+            else:
+                self.port = self._server.add_secure_port(settings.address, credentials)
         except RuntimeError as exc:
             raise ConfigError(
                 f"cannot listen on {settings.address} (another process may hold it; choose "
                 f"another --address): {exc}"
             ) from None
         restrict_socket(settings.address)
+        if self.security.unprotected and not is_local_address(settings.address):
+            log.warning(
+                "listening on %s beyond loopback in plain text and without a token: anything "
+                "that reaches this port can call every model. Set tls_cert_file and "
+                "tls_key_file (and tls_client_ca_file for mTLS) or auth_token_file, or listen "
+                "on 127.0.0.1 or a unix: socket",
+                settings.address,
+            )
         if settings.health_address:
             self._health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
@@ -150,7 +171,12 @@ class SidecarServer:
         if self._health_server:
             await self._health_server.start()
         await self._server.start()
-        log.info("listening on %s; loading %d model(s)", settings.address, len(settings.models))
+        log.info(
+            "listening on %s (%s); loading %d model(s)",
+            settings.address,
+            self.security.describe(),
+            len(settings.models),
+        )
         try:
             await self.registry.load_all(self._load_pool, self._report)
             if not self.registry.serving:

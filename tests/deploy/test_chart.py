@@ -308,6 +308,119 @@ def test_unpinned_export_is_warned_about(chart: helm_python.Chart) -> None:
     assert "WARNING" not in notes(chart)
 
 
+TLS_DIR, CLIENT_CA_DIR, AUTH_DIR = (
+    "/etc/transformers-sidecar/tls",
+    "/etc/transformers-sidecar/client-ca",
+    "/etc/transformers-sidecar/auth",
+)
+
+
+def secret_volumes(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Secret volumes by name: the Secret and its items (key -> path)."""
+    return {
+        v["name"]: {
+            "secret": v["secret"]["secretName"],
+            "items": {i["key"]: i["path"] for i in v["secret"]["items"]},
+            "mode": v["secret"]["defaultMode"],
+        }
+        for v in spec["volumes"]
+        if "secret" in v
+    }
+
+
+def test_tls_and_token_come_from_secrets_mounted_read_only(chart: helm_python.Chart) -> None:
+    values = {
+        "tls": {"enabled": True, "secretName": "sidecar-tls", "clientAuth": True},
+        "auth": {"tokenSecret": {"name": "sidecar-token"}},
+    }
+    manifests = render(chart, values)
+    spec = pod(manifests)
+    container = server(spec)
+    variables = env(container)
+    assert variables["SIDECAR_TLS_CERT_FILE"] == f"{TLS_DIR}/tls.crt"
+    assert variables["SIDECAR_TLS_KEY_FILE"] == f"{TLS_DIR}/tls.key"
+    assert variables["SIDECAR_TLS_CLIENT_CA_FILE"] == f"{TLS_DIR}/ca.crt"  # the Secret's own CA
+    assert variables["SIDECAR_AUTH_TOKEN_FILE"] == f"{AUTH_DIR}/token"
+    # The token is a file, never an environment variable a `describe` or a dump would show.
+    assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in container["env"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["sidecar-tls"] == {"name": "sidecar-tls", "mountPath": TLS_DIR, "readOnly": True}
+    assert mounts["sidecar-auth"] == {
+        "name": "sidecar-auth",
+        "mountPath": AUTH_DIR,
+        "readOnly": True,
+    }
+    assert secret_volumes(spec) == {
+        "sidecar-tls": {
+            "secret": "sidecar-tls",
+            "items": {"tls.crt": "tls.crt", "tls.key": "tls.key", "ca.crt": "ca.crt"},
+            "mode": 0o444,
+        },
+        "sidecar-auth": {"secret": "sidecar-token", "items": {"token": "token"}, "mode": 0o444},
+    }
+    # Probes stay on the plain-text health port, which TLS and the token leave alone.
+    assert_probes(container)
+    assert variables["SIDECAR_ADDRESS"] == "0.0.0.0:50051"
+    (test_pod,) = manifests["Pod"]
+    assert "support-transformers-sidecar:50052" in test_pod["spec"]["containers"][0]["command"]
+    text = notes(chart, values)
+    assert "API port: mTLS, bearer token from Secret sidecar-token." in text
+    assert "-plaintext" not in text
+    assert "-servername support-transformers-sidecar.helpdesk.svc" in text
+
+
+def test_tls_without_client_auth_and_a_separate_client_ca(chart: helm_python.Chart) -> None:
+    plain_tls = server(pod(render(chart, {"tls": {"enabled": True, "secretName": "tls"}})))
+    assert "SIDECAR_TLS_CLIENT_CA_FILE" not in env(plain_tls)
+    assert "SIDECAR_AUTH_TOKEN_FILE" not in env(plain_tls)
+    values = {
+        "tls": {
+            "enabled": True,
+            "secretName": "sidecar-tls",
+            "clientAuth": True,
+            "clientCASecretName": "callers-ca",
+        },
+        "auth": {"tokenSecret": {"name": "sidecar-token", "key": "api.token"}},
+    }
+    spec = pod(render(chart, values))
+    variables = env(server(spec))
+    assert variables["SIDECAR_TLS_CLIENT_CA_FILE"] == f"{CLIENT_CA_DIR}/ca.crt"
+    volumes = secret_volumes(spec)
+    assert volumes["sidecar-tls"]["items"] == {"tls.crt": "tls.crt", "tls.key": "tls.key"}
+    assert volumes["sidecar-client-ca"] == {
+        "secret": "callers-ca",
+        "items": {"ca.crt": "ca.crt"},
+        "mode": 0o444,
+    }
+    assert volumes["sidecar-auth"]["items"] == {"api.token": "token"}
+    mounts = {m["mountPath"]: m for m in server(spec)["volumeMounts"]}
+    assert all(mounts[path]["readOnly"] for path in (TLS_DIR, CLIENT_CA_DIR, AUTH_DIR))
+    # Nothing of it by default: plain text, no token, no Secret volumes.
+    default = pod(render(chart))
+    assert secret_volumes(default) == {}
+    assert not any(
+        name.startswith(("SIDECAR_TLS", "SIDECAR_AUTH")) for name in env(server(default))
+    )
+    assert "API port: plain text and no token" in notes(chart)
+
+
+def test_example_app_chart_with_tls_and_a_token(example: helm_python.Chart) -> None:
+    values = {
+        "sidecar": {
+            "tls": {"enabled": True, "secretName": "sidecar-tls"},
+            "auth": {"tokenSecret": {"name": "sidecar-token"}},
+        }
+    }
+    spec = pod(render(example, values))
+    sidecar = server(spec)
+    assert_probes(sidecar)
+    assert env(sidecar)["SIDECAR_TLS_CERT_FILE"] == f"{TLS_DIR}/tls.crt"
+    assert set(secret_volumes(spec)) == {"sidecar-tls", "sidecar-auth"}
+    (app,) = spec["containers"]
+    # Mounted into the sidecar only: the app's container gets neither key nor token.
+    assert {m["name"] for m in app.get("volumeMounts") or []}.isdisjoint(secret_volumes(spec))
+
+
 def test_example_app_chart_runs_a_native_sidecar(example: helm_python.Chart) -> None:
     manifests = render(example)
     # The dependency renders no Deployment of its own in sidecar mode.
@@ -410,6 +523,22 @@ def test_sidecar_mode_pod_monitor(example: helm_python.Chart) -> None:
         ({"models": [{"name": "x", "path": "/a,b=/c"}]}, "at '/models/0/path'"),
         ({"otel": {"resourceAttributes": {"team": "a,b=c"}}}, "at '/otel/resourceAttributes/team'"),
         ({"resources": {"requests": {"cpu": "."}}}, "at '/resources/requests/cpu'"),
+        ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
+        (
+            {"tls": {"secretName": "sidecar-tls", "clientAuth": True}},
+            "tls.secretName, tls.clientAuth set but tls.enabled is false",
+        ),
+        ({"tls": {"clientCASecretName": "ca"}}, "tls.clientCASecretName set but tls.enabled"),
+        (
+            {"tls": {"enabled": True, "secretName": "s", "clientCASecretName": "ca"}},
+            "tls.clientCASecretName is set but tls.clientAuth is false",
+        ),
+        ({"auth": {"tokenSecret": {"key": "api"}}}, "auth.tokenSecret.key is set but"),
+        ({"tls": {"enable": True}}, "additional properties 'enable' not allowed"),
+        ({"tls": {"enabled": True, "secretName": "Bad_Name"}}, "at '/tls/secretName'"),
+        ({"auth": {"token": "s3cret"}}, "additional properties 'token' not allowed"),
+        ({"config": {"tls_cert_file": "/x"}}, "additional properties 'tls_cert_file' not allowed"),
+        ({"config": {"auth_token_file": "/x"}}, "additional properties 'auth_token_file' not"),
     ],
 )
 def test_bad_values_are_refused_at_render_time(
@@ -504,6 +633,8 @@ def test_schema_config_matches_the_server_settings() -> None:
     configurable = schema["properties"]["config"]["properties"]
     chart_sets = {"address", "models", "default_model", "device", "health_address"}
     chart_sets.add("metrics_address")
+    # Files the chart mounts from the Secrets named by tls and auth.
+    chart_sets |= {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"}
     settings = {f.name for f in dataclasses.fields(config.Settings)}
     assert set(configurable) == settings - chart_sets
     hints = typing.get_type_hints(config.Settings)
@@ -568,3 +699,78 @@ def test_image_tags_follow_the_app_version() -> None:
 def app_version() -> str:
     version: str = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     return version
+
+
+def test_a_real_server_with_the_charts_tls_and_token(
+    chart: helm_python.Chart, minilm_dir: Path, tmp_path: Path
+) -> None:
+    """`sidecar serve` with the env the chart renders for tls and auth, each Secret volume
+    laid out as the kubelet would (its items under the mount path): the probes answer in
+    plain text without a token, and the API port wants mTLS and the token."""
+    import trustme
+
+    port, health_port, metrics_port = free_port(), free_port(), free_port()
+    values = {
+        "models": [{"name": "minilm", "path": str(minilm_dir)}],
+        "port": port,
+        "healthPort": health_port,
+        "metrics": {"port": metrics_port},
+        "tls": {"enabled": True, "secretName": "sidecar-tls", "clientAuth": True},
+        "auth": {"tokenSecret": {"name": "sidecar-token", "key": "api-token"}},
+        "config": {"grace_period_s": 1},
+    }
+    spec = pod(render(chart, values))
+    container = server(spec)
+    service_name = "support-transformers-sidecar.helpdesk.svc"
+    ca = trustme.CA()
+    issued = ca.issue_cert(service_name)
+    secrets = {
+        "sidecar-tls": {
+            "tls.crt": b"".join(blob.bytes() for blob in issued.cert_chain_pems),
+            "tls.key": issued.private_key_pem.bytes(),
+            "ca.crt": ca.cert_pem.bytes(),
+        },
+        "sidecar-token": {"api-token": b"chart-token-0123456789\n"},
+    }
+    variables = env(container)
+    volumes = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+    for mount in container["volumeMounts"]:
+        if mount["name"] not in volumes:
+            continue
+        local = tmp_path / mount["name"]
+        local.mkdir()
+        secret = volumes[mount["name"]]
+        for item in secret["items"]:
+            (local / item["path"]).write_bytes(secrets[secret["secretName"]][item["key"]])
+        for name, value in variables.items():
+            if value.startswith(mount["mountPath"] + "/"):
+                variables[name] = str(local) + value.removeprefix(mount["mountPath"])
+    process = start_sidecar(tmp_path / "serve.log", env={**os.environ, **variables})
+    try:
+        probes = f"127.0.0.1:{health_port}"
+        wait_serving(probes, process)  # plain text, no token: as the kubelet probes
+        with grpc.insecure_channel(probes) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                request = health_pb2.HealthCheckRequest(service=container[probe]["grpc"]["service"])
+                assert check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        caller = ca.issue_cert("ticket-service@helpdesk")
+        client, client_key = caller.cert_chain_pems[0].bytes(), caller.private_key_pem.bytes()
+        credentials = grpc.ssl_channel_credentials(ca.cert_pem.bytes(), client_key, client)
+        options = [("grpc.ssl_target_name_override", service_name)]
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options) as channel:
+            embed = InferenceStub(channel).Embed
+            token = (("authorization", "Bearer chart-token-0123456789"),)
+            answer = embed(EmbedRequest(inputs=["refund"]), metadata=token, timeout=30)
+            assert answer.dimensions == 384
+            with pytest.raises(grpc.RpcError) as refused:
+                embed(EmbedRequest(inputs=["refund"]), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+            InferenceStub(channel).Embed(EmbedRequest(inputs=["refund"]), timeout=10)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=spec["terminationGracePeriodSeconds"]) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -160,3 +160,53 @@ def test_readme_yaml_example_loads(tmp_path: Path) -> None:
         "cuda",
         "bfloat16",
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SIDECAR_TLS_CERT_FILE": "/s/tls.crt"}, "tls_cert_file is set but tls_key_file is not"),
+        ({"SIDECAR_TLS_KEY_FILE": "/s/tls.key"}, "tls_key_file is set but tls_cert_file is not"),
+        ({"SIDECAR_TLS_CLIENT_CA_FILE": "/s/ca.crt"}, "tls_client_ca_file is set but TLS is not"),
+    ],
+)
+def test_half_configured_tls_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings({}, env={"SIDECAR_MODELS": "/m", **env})
+
+
+def test_transport_security_settings_come_from_every_source(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("tls_cert_file: /s/tls.crt\ntls_key_file: /s/tls.key\nmodels: [/m]\n")
+    env = {"SIDECAR_TLS_CLIENT_CA_FILE": "/s/ca.crt", "SIDECAR_AUTH_TOKEN_FILE": "/t/token"}
+    settings = load_settings({"auth_token_file": "/f/token"}, env=env, config_file=config)
+    assert (settings.tls_cert_file, settings.tls_key_file) == ("/s/tls.crt", "/s/tls.key")
+    assert settings.tls_client_ca_file == "/s/ca.crt"
+    assert settings.auth_token_file == "/f/token"  # the flag over the environment
+    # Off by default: plain text and no token, on loopback.
+    defaults = Settings()
+    assert defaults.tls_cert_file == defaults.tls_key_file == defaults.auth_token_file == ""
+
+
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:50051", True),
+        ("[::1]:50051", True),
+        ("localhost:50051", True),
+        ("unix:/var/run/sidecar/sidecar.sock", True),
+        ("unix-abstract:sidecar", True),
+        ("[::ffff:127.0.0.1]:50051", True),
+        ("dns:///localhost:50051", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        (":50051", False),
+        ("10.1.2.3:50051", False),
+        ("sidecar.example:50051", False),
+    ],
+)
+def test_which_addresses_stay_on_the_host(address: str, local: bool) -> None:
+    from sidecar.config import is_local_address
+
+    assert is_local_address(address) is local

@@ -159,6 +159,25 @@ The pod's terminationGracePeriodSeconds: whatever runs before SIGTERM reaches th
 {{- fail (printf "config.max_queue_size %d is below config.%s %d: a full call could never be queued, and the server refuses to start" $queue $key $wanted) -}}
 {{- end -}}
 {{- end -}}
+{{- $tls := .v.tls -}}
+{{- if and $tls.enabled (not $tls.secretName) -}}
+{{- fail "tls.enabled needs tls.secretName: a kubernetes.io/tls Secret with tls.crt and tls.key (cert-manager's Certificate writes one)" -}}
+{{- end -}}
+{{- if not $tls.enabled -}}
+{{- $set := list -}}
+{{- range $key := list "secretName" "clientAuth" "clientCASecretName" -}}
+{{- if get $tls $key -}}{{- $set = append $set (printf "tls.%s" $key) -}}{{- end -}}
+{{- end -}}
+{{- if $set -}}
+{{- fail (printf "%s set but tls.enabled is false, so the API port would serve plain text: set tls.enabled=true, or remove them" (join ", " $set)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $tls.clientCASecretName (not $tls.clientAuth) -}}
+{{- fail "tls.clientCASecretName is set but tls.clientAuth is false: set tls.clientAuth=true to require client certificates, or remove it" -}}
+{{- end -}}
+{{- if and (not .v.auth.tokenSecret.name) (ne (.v.auth.tokenSecret.key | default "token") "token") -}}
+{{- fail "auth.tokenSecret.key is set but auth.tokenSecret.name is not: name the Secret that holds the token" -}}
+{{- end -}}
 {{- if and .standalone (eq .v.transport "unix") -}}
 {{- fail "transport: unix works in sidecar mode only (a socket is reachable from the same pod); standalone mode listens on tcp" -}}
 {{- end -}}

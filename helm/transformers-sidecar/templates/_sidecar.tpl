@@ -214,6 +214,21 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
     - name: SIDECAR_MAX_CONNECTION_AGE_S
       value: "300"
     {{- end }}
+    {{- if $v.tls.enabled }}
+    # TLS on the API port only; the files are mounted from the Secret(s) below.
+    - name: SIDECAR_TLS_CERT_FILE
+      value: /etc/transformers-sidecar/tls/tls.crt
+    - name: SIDECAR_TLS_KEY_FILE
+      value: /etc/transformers-sidecar/tls/tls.key
+    {{- if $v.tls.clientAuth }}
+    - name: SIDECAR_TLS_CLIENT_CA_FILE
+      value: {{ ternary "/etc/transformers-sidecar/client-ca/ca.crt" "/etc/transformers-sidecar/tls/ca.crt" (not (empty $v.tls.clientCASecretName)) }}
+    {{- end }}
+    {{- end }}
+    {{- if $v.auth.tokenSecret.name }}
+    - name: SIDECAR_AUTH_TOKEN_FILE
+      value: /etc/transformers-sidecar/auth/token
+    {{- end }}
     {{- range $key, $value := $config }}
     - name: {{ printf "SIDECAR_%s" (upper $key) }}
       value: {{ include "sidecar.number" $value | quote }}
@@ -296,6 +311,21 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
       mountPath: /srv/exports
       readOnly: true
     {{- end }}
+    {{- if $v.tls.enabled }}
+    - name: sidecar-tls
+      mountPath: /etc/transformers-sidecar/tls
+      readOnly: true
+    {{- if and $v.tls.clientAuth $v.tls.clientCASecretName }}
+    - name: sidecar-client-ca
+      mountPath: /etc/transformers-sidecar/client-ca
+      readOnly: true
+    {{- end }}
+    {{- end }}
+    {{- if $v.auth.tokenSecret.name }}
+    - name: sidecar-auth
+      mountPath: /etc/transformers-sidecar/auth
+      readOnly: true
+    {{- end }}
     {{- range $v.models }}
     {{- if or .pvc .image }}
     - name: {{ printf "sidecar-model-%s" .name | trunc 63 }}
@@ -342,6 +372,42 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
   emptyDir:
     sizeLimit: {{ $v.export.tmpSizeLimit }}
 {{- end }}
+{{- /* Secrets as read-only files (0444: no one writes them; the server runs as its own uid,
+whatever the pod's fsGroup). A key missing from a Secret stops the pod with an event that
+names it. */ -}}
+{{- if $v.tls.enabled }}
+- name: sidecar-tls
+  secret:
+    secretName: {{ $v.tls.secretName | quote }}
+    defaultMode: 292
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- if and $v.tls.clientAuth (not $v.tls.clientCASecretName) }}
+      - key: ca.crt
+        path: ca.crt
+      {{- end }}
+{{- if and $v.tls.clientAuth $v.tls.clientCASecretName }}
+- name: sidecar-client-ca
+  secret:
+    secretName: {{ $v.tls.clientCASecretName | quote }}
+    defaultMode: 292
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- end }}
+{{- with $v.auth.tokenSecret }}{{ if .name }}
+- name: sidecar-auth
+  secret:
+    secretName: {{ .name | quote }}
+    defaultMode: 292
+    items:
+      - key: {{ .key | default "token" | quote }}
+        path: token
+{{- end }}{{ end }}
 {{- range $v.models }}
 {{- if .pvc }}
 - name: {{ printf "sidecar-model-%s" .name | trunc 63 }}
