@@ -21,11 +21,11 @@ from sidecar.dataplane.service import DataPlane
 from sidecar.domain import ModelState
 from sidecar.errors import ConfigError
 from sidecar.grpc.auth import BearerTokenInterceptor, TransportSecurity
-from sidecar.grpc.servicers import InferenceServicer, ModelsServicer
+from sidecar.grpc.servicers import add_servicers
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.observer import Telemetry
 from sidecar.telemetry.tracing import tracer_provider
-from sidecar.v1 import inference_pb2, inference_pb2_grpc, models_pb2, models_pb2_grpc
+from sidecar.v1 import inference_pb2, models_pb2
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,8 @@ class SidecarServer:
             ],
             interceptors=interceptors,
         )
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.dataplane), self._server
-        )
-        models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(self.dataplane), self._server)
+        # A request protobuf cannot parse is answered INVALID_ARGUMENT, not gRPC's UNKNOWN.
+        add_servicers(self.dataplane, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (

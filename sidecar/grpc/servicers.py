@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 
 from sidecar.dataplane.service import DataPlane
 from sidecar.grpc import to_domain, to_proto
-from sidecar.grpc.status import abort, status_of, translates_errors
+from sidecar.grpc.status import fail, translates_errors
 from sidecar.grpc.stream import run_stream
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
@@ -77,7 +77,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             async with self.admission.call():
                 generation = self._dataplane.generate(
-                    to_domain.generate(request), to_domain.deadline(context)
+                    to_domain.generate(to_domain.checked(request)), to_domain.deadline(context)
                 )
                 # aclosing: a departed caller stops decoding now, not at garbage collection.
                 model = generation.model.name
@@ -90,8 +90,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            code = status_of(exc)[0]
-            await abort(context, exc)
+            code = fail(context, exc)
         finally:
             self.telemetry.answered("Generate", model, code.name, time.perf_counter() - began)
 
@@ -115,7 +114,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort(context, exc)
+            fail(context, exc)
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):
@@ -144,3 +143,48 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
         """One model by name."""
         status = self._registry.status(request.model)
         return models_pb2.GetModelResponse(model=to_proto.model_info(status))
+
+
+class _Registrations:
+    """Stands in for a server to collect what a generated add_*_to_server registers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, Mapping[str, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers arrive by service name below
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.services[service] = handlers
+
+
+def _lenient(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler, with a request deserializer that never raises (see Undecodable)."""
+    parse, write = to_domain.lenient(handler.request_deserializer), handler.response_serializer
+    streams = (handler.request_streaming, handler.response_streaming)
+    make, behaviour = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
+        (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+        (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
+        (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+    }[streams]
+    assert behaviour is not None
+    return make(behaviour, parse, write)
+
+
+def add_servicers(dataplane: DataPlane, server: grpc.aio.Server) -> None:
+    """Register sidecar.v1.Inference and sidecar.v1.Models on `server`.
+
+    As the generated add_*_to_server functions do, except that a request protobuf cannot
+    parse (a string field that is not UTF-8) reaches the servicer as an Undecodable and is
+    answered INVALID_ARGUMENT: gRPC would answer UNKNOWN for a deserializer that raises.
+    """
+    collected: Any = _Registrations()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(dataplane), collected)
+    models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(dataplane), collected)
+    for service, handlers in collected.services.items():
+        lenient = {name: _lenient(handler) for name, handler in handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
+        server.add_registered_method_handlers(service, lenient)

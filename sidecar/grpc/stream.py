@@ -8,7 +8,10 @@ gRPC, so a caller that stops reading answers stops the server reading requests. 
 drain loop yields answers as they complete. A cancel is read even while every slot is
 busy (the backlog has room), and stops its item whether it is running or still waiting.
 A failed item answers with `error` and the stream goes on; an id already in flight is a
-broken stream (two answers would share one id) and ends it with INVALID_ARGUMENT.
+broken stream (two answers would share one id) and ends it with INVALID_ARGUMENT, as does
+an item that cannot be parsed (its id is unknown). An error the reader answers by itself
+(an item with no request, a cancel of a waiting item) keeps its read-ahead room until it is
+written, so a caller that never reads is held back however it fills the stream.
 
 A generate item answers once per decode step. Each step's answer is written before the
 item's next one is queued, so a slow reader holds back decoding instead of filling memory;
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from sidecar.dataplane.service import DataPlane
 from sidecar.errors import CancelledError, InvalidInputError, NotImplementedYetError
@@ -42,6 +46,8 @@ class _Answer:
     holds_slot: bool
     # Set once the answer is handed to gRPC (generate steps wait for it).
     written: asyncio.Future[None] | None = None
+    # An error the reader answered itself: it holds read-ahead room until written.
+    holds_room: bool = False
 
 
 def _cancelled(item_id: str) -> CancelledError:
@@ -98,10 +104,11 @@ class _StreamCall:
         self.running: dict[str, asyncio.Task[pb.StreamResponse]] = {}
         self.stopping: set[str] = set()  # generate items a cancel asked to end
 
-    def error(self, item_id: str, exc: BaseException, holds_slot: bool) -> None:
-        self.out.put_nowait(
-            _Answer(pb.StreamResponse(id=item_id, error=rpc_status(exc)), holds_slot)
-        )
+    def error(
+        self, item_id: str, exc: BaseException, holds_slot: bool, holds_room: bool = False
+    ) -> None:
+        response = pb.StreamResponse(id=item_id, error=rpc_status(exc))
+        self.out.put_nowait(_Answer(response, holds_slot, holds_room=holds_room))
 
     def counted(
         self, rpc: str, model: str, began: float, task: asyncio.Task[pb.StreamResponse]
@@ -161,24 +168,25 @@ class _StreamCall:
             self.stopping.add(item_id)
             task.cancel()
         elif self.backlog.pop(item_id, None) is not None:
-            self.room.release()
-            self.error(item_id, _cancelled(item_id), False)
+            # The waiting item's room passes to its answer.
+            self.error(item_id, _cancelled(item_id), False, holds_room=True)
 
     async def read(self) -> None:
         try:
             while True:
                 await self.room.acquire()
                 try:
-                    request = await anext(self.requests)
+                    request = to_domain.checked(await anext(self.requests))
                 except StopAsyncIteration:
                     self.room.release()
                     break
+                except DecodeError as exc:  # gRPC's own deserializer raises
+                    raise to_domain.Undecodable(str(exc)).error() from None
                 kind = request.WhichOneof("request")
                 if kind == "cancel":
                     self.room.release()
                     self.cancel(request.id)
                 elif kind is None:
-                    self.room.release()
                     self.error(
                         request.id,
                         InvalidInputError(
@@ -186,6 +194,7 @@ class _StreamCall:
                             f"set one of {', '.join(ITEM_KINDS)}"
                         ),
                         False,
+                        holds_room=True,
                     )
                 elif request.id in self.running or request.id in self.backlog:
                     raise InvalidInputError(
@@ -243,6 +252,8 @@ class _StreamCall:
                         item.written.set_result(None)
                     if item.holds_slot:
                         self.slots.release()
+                    if item.holds_room:
+                        self.room.release()
         finally:
             for task in [*helpers, *self.running.values()]:
                 task.cancel()

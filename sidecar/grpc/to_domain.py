@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from sidecar.domain import (
     ChatMessage,
@@ -16,7 +19,46 @@ from sidecar.domain import (
     RerankRequest,
     TokenizeRequest,
 )
+from sidecar.errors import InvalidInputError
 from sidecar.v1 import inference_pb2 as pb
+
+Request = TypeVar("Request")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message protobuf could not parse: a string field that is not valid UTF-8
+    (proto3 requires it), or a corrupt wire format. gRPC itself would answer UNKNOWN."""
+
+    reason: str  # protobuf's own words, naming the message type
+    model = ""  # read by telemetry, as a request's model field
+
+    def error(self) -> InvalidInputError:
+        """The caller's mistake, said so."""
+        return InvalidInputError(
+            f"the request could not be parsed ({self.reason}): string fields must be valid "
+            "UTF-8 (proto3); send messages built by code generated from proto/sidecar/v1"
+        )
+
+
+def lenient(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """A request deserializer that returns an Undecodable instead of raising."""
+    assert parse is not None
+
+    def parsed(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return parsed
+
+
+def checked(request: Request | Undecodable) -> Request:
+    """The request, or INVALID_ARGUMENT when it could not be parsed."""
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
 
 
 def deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -59,11 +101,21 @@ AGGREGATIONS = {
 
 
 def extract_entities(request: pb.ExtractEntitiesRequest) -> ExtractEntitiesRequest:
-    """ExtractEntitiesRequest; an unknown aggregation value is passed on to be refused."""
+    """ExtractEntitiesRequest; an aggregation value this contract does not define is refused
+    (proto3 enums are open: a newer client's value must not be read as the default)."""
+    aggregation = AGGREGATIONS.get(request.aggregation)
+    if aggregation is None:
+        known = ", ".join(
+            f"{pb.AggregationStrategy.Name(value)} ({value})" for value in AGGREGATIONS if value
+        )
+        raise InvalidInputError(
+            f"aggregation {request.aggregation} is not an AggregationStrategy value: use one of "
+            f"{known}, or leave it unset for SIMPLE"
+        )
     return ExtractEntitiesRequest(
         model=request.model,
         inputs=list(request.inputs),
-        aggregation=AGGREGATIONS.get(request.aggregation, f"unknown value {request.aggregation}"),
+        aggregation=aggregation,
         truncate=request.truncate if request.HasField("truncate") else True,
     )
 
