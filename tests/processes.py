@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tools.coldstart import free_port, wait_serving
 
-__all__ = ["BIN", "free_port", "start_sidecar", "wait_serving"]
+__all__ = ["BIN", "free_port", "start_sidecar", "stop_sidecar", "wait_serving"]
 
 BIN = Path(sys.executable).parent
 
@@ -19,3 +19,13 @@ def start_sidecar(
     """`sidecar serve ARGS` with its log in a file (a pipe nobody reads could block it)."""
     with log.open("wb") as sink:
         return subprocess.Popen([BIN / "sidecar", "serve", *args], stderr=sink, env=env)
+
+
+def stop_sidecar(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM and wait for the drain; SIGKILL if it takes longer than `timeout`."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -14,7 +14,6 @@ import gc
 import itertools
 import os
 import re
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from sidecar.v1.models_pb2_grpc import ModelsStub
-from tests.processes import free_port, start_sidecar, wait_serving
+from tests.processes import free_port, start_sidecar, stop_sidecar, wait_serving
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -729,9 +728,4 @@ def test_thousands_of_bad_requests_leave_memory_flat(
         assert set(counts) <= expected, counts
         assert after - before < 30 * 1024, f"VmRSS grew {(after - before) / 1024:.1f} MiB"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_sidecar(process)

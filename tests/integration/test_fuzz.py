@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
-from tests.processes import free_port, start_sidecar, wait_serving
+from tests.processes import free_port, start_sidecar, stop_sidecar, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -117,12 +117,7 @@ def target(
                 log,
             )
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_sidecar(process)
 
 
 def answered(target: Target, call: Callable[[], T], request: object) -> T | None:
