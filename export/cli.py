@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from export import quantize
+from export.compare import DEFAULT_ATOL, DEFAULT_RTOL, VALIDATED_TOKENS
 from sidecar.errors import SidecarError
-from sidecar.models.manifest import Task
+from sidecar.models.manifest import ONNX_SELF_CONSISTENCY, TOKENIZER_ONLY, Task
 from sidecar.tasks.embed import POOLING_MODES
 
 
@@ -37,7 +38,24 @@ def main(argv: list[str] | None = None) -> int:
         help="normalize embeddings by default (default: on if the checkpoint ends in Normalize)",
     )
     parser.add_argument(
-        "--atol", type=float, default=1e-4, help="largest allowed difference from PyTorch"
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help="allowed difference from PyTorch, absolute part: each value may differ by "
+        f"atol + rtol x |PyTorch's value| (default: {DEFAULT_ATOL:g})",
+    )
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=DEFAULT_RTOL,
+        help=f"allowed difference from PyTorch, relative part (default: {DEFAULT_RTOL:g})",
+    )
+    parser.add_argument(
+        "--validate-tokens",
+        type=int,
+        default=VALIDATED_TOKENS,
+        help="longest input validation runs through both models; the tokenizers are still "
+        f"compared at the full max length (default: {VALIDATED_TOKENS})",
     )
     parser.add_argument("--opset", type=int, help="ONNX opset (default: optimum's choice)")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights")
@@ -62,22 +80,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--int8-min-cosine",
         type=float,
-        default=0.99,
         help="with --quantize int8, embedding models: lowest allowed cosine between int8 and "
-        "fp32 embeddings (default: 0.99)",
+        "fp32 embeddings (default: 0.99); for an imported graph whose outputs depend on its "
+        "batch (dynamic int8, fp16): between each input alone and batched (default: 0.95)",
     )
     parser.add_argument(
         "--int8-min-agreement",
         type=float,
-        default=0.9,
         help="with --quantize int8, classifiers: lowest allowed share of inputs where int8 and "
-        "fp32 pick the same top label (default: 0.9)",
+        "fp32 pick the same top label (default: 0.9); for an imported graph whose outputs "
+        "depend on its batch: share of labels or next tokens kept between alone and batched "
+        "(default: 0.9)",
+    )
+    parser.add_argument(
+        "--onnx-file",
+        help="import this pre-exported ONNX graph (a path in the checkpoint, such as "
+        "onnx/model_quantized.onnx) instead of exporting from the weights; a dir with graphs "
+        "and no weights is imported without it",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="on an unexpected failure, show the traceback"
     )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from export.pipeline import export_model
-    from export.validate import TOKENIZER_ONLY
 
     try:
         manifest = export_model(
@@ -90,25 +117,36 @@ def main(argv: list[str] | None = None) -> int:
             pooling=args.pooling,
             normalize=args.normalize,
             atol=args.atol,
+            rtol=args.rtol,
+            validate_tokens=args.validate_tokens,
             opset=args.opset,
             allow_pickle=args.allow_pickle,
             trust_remote_code=args.trust_remote_code,
             force=args.force,
             backend=args.backend,
             quantize=args.quantize,
+            onnx_file=args.onnx_file,
             int8_min_cosine=args.int8_min_cosine,
             int8_min_agreement=args.int8_min_agreement,
         )
-    except SidecarError as exc:
-        print(f"sidecar-export: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"sidecar-export: interrupted; {args.out} was left as it was", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug and not isinstance(exc, SidecarError):
+            raise
+        print(f"sidecar-export: {_reason(exc, args.source)}", file=sys.stderr)
         return 1
     validation = manifest["validation"]
     if validation.get("compared") == TOKENIZER_ONLY:
         checked = f"tokenizer checked on {len(validation['cases'])} inputs"
+    elif validation.get("compared") == ONNX_SELF_CONSISTENCY:
+        checked = f"imported without a PyTorch reference: {_self_consistency(validation)}"
     else:
         checked = (
             f"max |ONNX - PyTorch| {validation['max_abs_diff']:.2e} over "
-            f"{len(validation['cases'])} cases (atol {validation['atol']:.0e})"
+            f"{len(validation['cases'])} cases, {validation['tolerance_used']:.0%} of the "
+            f"allowed difference (atol {validation['atol']:g}, rtol {validation['rtol']:g})"
         )
     backends = " and ".join(
         b
@@ -120,9 +158,51 @@ def main(argv: list[str] | None = None) -> int:
         f"{checked}"
     )
     quantization = manifest["quantization"]
-    if isinstance(quantization, dict):
+    if isinstance(quantization, dict) and "quality" in quantization:
         print(f"quantized to {quantization['mode']}: {_quality_line(quantization['quality'])}")
+    elif isinstance(quantization, dict):
+        print(f"the imported graph is quantized: {quantization['mode']}")
     return 0
+
+
+def _self_consistency(validation: dict[str, Any]) -> str:
+    """What an imported graph was held to, for the last line of the export."""
+    head = "inputs, outputs and vocabulary checked, and the graph against itself"
+    if "gate" in validation:
+        measures = [
+            f"{name.replace('_', ' ')} {validation[name]:.4g} (at least {bar:g})"
+            for name, bar in validation["gate"].items()
+            if name in validation
+        ]
+        return f"{head}, as callers see its outputs: {', '.join(measures)}"
+    return (
+        f"{head} within {validation['tolerance_used']:.0%} of the allowed difference "
+        f"(atol {validation['atol']:g}, rtol {validation['rtol']:g})"
+    )
+
+
+def _reason(exc: BaseException, source: str) -> str:
+    """One line saying why the export failed and what to do."""
+    message = " ".join(str(exc).split())  # library messages may span lines
+    if isinstance(exc, SidecarError):
+        return message
+    if isinstance(exc, ImportError):
+        return (
+            f"a package this checkpoint needs is not installed ({message}): install it, or the "
+            "export extra: pip install 'transformers-sidecar[export]'"
+        )
+    if isinstance(exc, MemoryError):
+        return (
+            f"ran out of memory exporting {source}: free memory, or lower --validate-tokens "
+            "(and --max-length)"
+        )
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"cannot export {source}: {exc.strerror}{where}"
+    return (
+        f"cannot export {source}: {type(exc).__name__}: {message} (run again with --debug "
+        "for the traceback; if transformers loads this checkpoint, please report it)"
+    )
 
 
 def _quality_line(quality: dict[str, Any]) -> str:

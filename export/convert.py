@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 from sidecar.errors import ExportError
 from sidecar.models.manifest import Task
@@ -60,6 +61,53 @@ def unsupported(source: Path, task: Task) -> str | None:
     return None
 
 
+def _with_position_ids(source: Path, task: Task, trust_remote_code: bool) -> dict[str, Any]:
+    """optimum's ONNX config plus a position_ids input, for decoders whose config has none.
+
+    Without position ids the graph counts positions from the past's length, so a sequence
+    left-padded into a batched decoding step reads its tokens at the wrong positions (optimum
+    leaves them out for Gemma, Gemma 2 and 3, among others). Models that take no position ids
+    (ALiBi ones, such as Bloom) keep optimum's config.
+    """
+    if task is not Task.GENERATE:
+        return {}
+    import inspect
+
+    from optimum.exporters.tasks import TasksManager
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx",
+        model_type=config.model_type,
+        task=OPTIMUM_TASKS[task],
+        library_name="transformers",
+    )
+    if "position_ids" in constructor(config).inputs:
+        return {}
+    try:
+        model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return {}
+    if "position_ids" not in inspect.signature(model_class.forward).parameters:
+        return {}
+    base = constructor.func  # a functools.partial over optimum's config class
+
+    class WithPositionIds(base):  # type: ignore[misc, valid-type]
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            found: dict[str, dict[int, str]] = super().inputs
+            found["position_ids"] = {0: "batch_size", 1: "sequence_length"}
+            return found
+
+    # As optimum builds the with-past decoder's config (get_decoder_models_for_export).
+    return {
+        "model": WithPositionIds(
+            config, task="text-generation", use_past=True, use_past_in_inputs=True
+        )
+    }
+
+
 def to_onnx(
     source: Path, out: Path, task: Task, opset: int | None, trust_remote_code: bool
 ) -> tuple[Path, Path | None]:
@@ -86,6 +134,7 @@ def to_onnx(
                 # export/validate.py checks the exported model through the serving code instead.
                 do_validation=False,
                 trust_remote_code=trust_remote_code,
+                custom_onnx_configs=_with_position_ids(source, task, trust_remote_code) or None,
             )
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ExportError(f"optimum could not export {source} as {task.value}: {exc}") from exc

@@ -44,8 +44,41 @@ def _first_id(value: Any) -> int | None:
     return ids[0] if ids else None
 
 
-def defaults(path: Path, config: dict[str, Any], task: Task, context: int) -> dict[str, Any]:
-    """The manifest's `generation` object, from generation_config.json or else config.json."""
+def _suppressed(source: dict[str, Any], vocab: Any) -> tuple[list[int], list[str]]:
+    """Tokens generate() never picks (single-token bad_words_ids, suppress_tokens), and notes
+    on the settings the sidecar does not honour."""
+    ids: set[int] = set(_ids(source.get("suppress_tokens")))
+    notes = []
+    words = source.get("bad_words_ids") or []
+    longer = [w for w in words if isinstance(w, list) and len(w) > 1]
+    ids.update(int(w[0]) for w in words if isinstance(w, list) and len(w) == 1)
+    outside = sorted(i for i in ids if i < 0 or (isinstance(vocab, int) and i >= vocab))
+    if outside:
+        ids -= set(outside)
+        notes.append(
+            f"the generation config names tokens {outside} to suppress, outside the "
+            f"vocabulary of {vocab}: ignored"
+        )
+    if longer:
+        notes.append(
+            f"bad_words_ids holds {len(longer)} sequences of more than one token: the sidecar "
+            "suppresses single tokens only, so those may still be generated"
+        )
+    beams = source.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        notes.append(
+            f"the checkpoint's generation config asks for beam search (num_beams {beams}); the "
+            "sidecar decodes one sequence at a time (greedy, or sampling when asked for), so "
+            "its output can differ from generate()'s with beams"
+        )
+    return sorted(ids), notes
+
+
+def defaults(
+    path: Path, config: dict[str, Any], task: Task, context: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The manifest's `generation` object, from generation_config.json or else config.json,
+    and notes on settings the sidecar cannot honour."""
     # As transformers does: the generation config file wins whole; without one, an older
     # checkpoint keeps its generation settings in config.json.
     file = path / "generation_config.json"
@@ -76,6 +109,7 @@ def defaults(path: Path, config: dict[str, Any], task: Task, context: int) -> di
                 f"{path} names neither decoder_start_token_id nor bos_token_id: the decoder "
                 "has no first token"
             )
+    suppressed, notes = _suppressed(source, config.get("vocab_size"))
     return {
         # Past the context no token can be generated: a larger default would only mislead.
         "max_new_tokens": min(max_new, context - 1),
@@ -83,7 +117,8 @@ def defaults(path: Path, config: dict[str, Any], task: Task, context: int) -> di
         "min_new_tokens": max(min_new, 0) if isinstance(min_new, int) else 0,
         "eos_token_ids": _ids(source.get("eos_token_id")),
         **tokens,
-    }
+        "suppressed_token_ids": suppressed,
+    }, notes
 
 
 def _template_from_config(model_dir: Path) -> str | None:

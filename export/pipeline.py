@@ -4,25 +4,54 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from export import checkpoint, convert, generation, quality, source, validate, weights
+from export import (
+    checkpoint,
+    convert,
+    fast_tokenizer,
+    generation,
+    gguf,
+    imported,
+    quality,
+    source,
+    validate,
+    validate_imported,
+    weights,
+)
 from export.checkpoint import CheckpointInfo
+from export.compare import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    VALIDATED_TOKENS,
+    Tolerance,
+    check_bounds,
+)
 from export.progress import Progress
 from export.quantize import CHOICES, quantize_int8
 from sidecar.errors import ExportError
 from sidecar.models.manifest import MANIFEST, Task, format_version, sha256_file
 
 # sentence-transformers files kept beside the model for people reading the dir.
-_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+_ST_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+)
 # auto: ONNX, or PyTorch when optimum cannot export the architecture; both: ONNX plus the
 # safetensors weights, so one dir can be served by either backend.
 BACKENDS = ("auto", "onnx", "torch", "both")
+# The name an imported graph gets in the model dir, as the sidecar's own exports name it.
+SERVED_GRAPH = "model.onnx"
 # Config keys that hold the hidden size, for the dimensions of an embedder without ONNX.
 _HIDDEN = ("hidden_size", "d_model", "n_embd")
+# The packages whose versions shape a model dir, recorded as `exported_by`.
 _VERSIONS = (
     "transformers-sidecar",
     "torch",
@@ -32,10 +61,16 @@ _VERSIONS = (
     "onnx",
     "onnxruntime",
     "tokenizers",
+    "safetensors",
+    "numpy",
+    "gguf",
+    "accelerate",
+    "sentencepiece",
 )
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The installed versions of the packages an export depends on."""
     found = {}
     for package in _VERSIONS:
         try:
@@ -126,15 +161,18 @@ def export_model(
     max_length: int | None = None,
     pooling: str | None = None,
     normalize: bool | None = None,
-    atol: float = 1e-4,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    validate_tokens: int = VALIDATED_TOKENS,
     opset: int | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     force: bool = False,
     backend: str = "auto",
     quantize: str = "none",
-    int8_min_cosine: float = 0.99,
-    int8_min_agreement: float = 0.9,
+    onnx_file: str | None = None,
+    int8_min_cosine: float | None = None,
+    int8_min_agreement: float | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint into `out` and return its manifest; a failure leaves `out` untouched."""
@@ -144,82 +182,84 @@ def export_model(
         raise ExportError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if quantize == "int8" and backend == "torch":
         raise ExportError("--quantize int8 quantizes the ONNX model; --backend torch has none")
-    _check_bar("--int8-min-cosine", int8_min_cosine)
-    _check_bar("--int8-min-agreement", int8_min_agreement)
+    tol = check_bounds(atol, rtol)
+    if validate_tokens < 2:
+        raise ExportError(f"--validate-tokens must be 2 or more, not {validate_tokens}")
+    for flag, bar in (
+        ("--int8-min-cosine", int8_min_cosine),
+        ("--int8-min-agreement", int8_min_agreement),
+    ):
+        if bar is not None:
+            _check_bar(flag, bar)
     int8 = quantize == "int8"
-    progress = progress or Progress(6 if int8 else 5)
+    # A GGUF source takes one step more: dequantizing it.
+    progress = progress or Progress(5 + int8 + _local_gguf(name_or_path))
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: pass --force to replace it")
     staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    # A GGUF source is dequantized into a checkpoint here first, removed after.
+    dequantized = out.with_name(f".{out.name}.gguf-checkpoint")
+    for work in (staging, dequantized):
+        shutil.rmtree(work, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         with progress.step(f"finding checkpoint {name_or_path}"):
-            src = source.resolve(name_or_path, revision, allow_pickle, trust_remote_code)
-            chosen = task or checkpoint.detect_task(src.path)
-            info = checkpoint.inspect(src.path, chosen, max_length, pooling, normalize)
-            onnx, torch = _plan(backend, src.path, info, int8, progress)
-        model: Path | None = None
-        encoder: Path | None = None
-        with progress.step(_convert_step(chosen, onnx, torch)):
-            if onnx:
-                model, encoder = convert.to_onnx(
-                    src.path, staging, chosen, opset, trust_remote_code
-                )
-            else:
-                weights.copy_model_files(src.path, staging, trust_remote_code)
-            weight_files = weights.copy_weights(src.path, staging) if torch else []
-            for extra in _ST_FILES:
-                if (src.path / extra).is_file():
-                    shutil.copy2(src.path / extra, staging / extra)
-            chat_template = generation.write_chat_template(staging) if chosen.generative else ""
-        checking = (
-            f"validating against PyTorch (atol {atol:.0e})" if onnx else "checking the tokenizer"
-        )
-        with progress.step(checking):
-            validation = validate.validate(src.path, staging, info, atol, trust_remote_code, onnx)
-        quantization: str | dict[str, Any] = "none"
-        if int8:
-            assert model is not None  # _plan refuses int8 without ONNX
-            with progress.step("quantizing to int8 (dynamic) and comparing it with fp32"):
-                quantization = _to_int8(staging, model, info, int8_min_cosine, int8_min_agreement)
+            src = source.resolve(name_or_path, revision, allow_pickle, trust_remote_code, onnx_file)
+            path = src.path
+            if src.gguf is None:
+                info = _read(path, task, max_length, pooling, normalize, progress)
+        if src.gguf is not None:
+            progress.total = max(progress.total, 6 + int8)  # a caller's Progress may not know
+            with progress.step(f"dequantizing {src.gguf.name} into a transformers checkpoint"):
+                dequantized.mkdir(parents=True)
+                for note in gguf.to_checkpoint(src.gguf, dequantized, task):
+                    progress.note(note)
+                path = dequantized
+                info = _read(path, task, max_length, pooling, normalize, progress)
+        if src.onnx_graph is not None:
+            defaults = validate_imported.Bars()
+            bars = validate_imported.Bars(
+                defaults.min_cosine if int8_min_cosine is None else int8_min_cosine,
+                defaults.min_agreement if int8_min_agreement is None else int8_min_agreement,
+            )
+            built = _imported(
+                src.onnx_graph,
+                path,
+                staging,
+                info,
+                backend,
+                quantize,
+                tol,
+                validate_tokens,
+                trust_remote_code,
+                progress,
+                bars,
+            )
+        else:
+            built = _exported(
+                path,
+                staging,
+                info,
+                backend,
+                int8,
+                opset,
+                tol,
+                validate_tokens,
+                trust_remote_code,
+                progress,
+            )
+            if int8:
+                assert built.model is not None  # _plan refuses int8 without ONNX
+                with progress.step("quantizing to int8 (dynamic) and comparing it with fp32"):
+                    built.quantization = _to_int8(
+                        staging,
+                        built.model,
+                        info,
+                        quality.MIN_COSINE if int8_min_cosine is None else int8_min_cosine,
+                        quality.MIN_AGREEMENT if int8_min_agreement is None else int8_min_agreement,
+                    )
         with progress.step("writing manifest with checksums"):
-            manifest = {
-                "format_version": 0,  # set below, once the manifest is complete
-                "name": name or out.name,
-                "task": chosen.value,
-                "source": src.manifest_entry(),
-                "exported_by": _versions(),
-                "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "onnx_file": model.name if model else "",
-                "onnx_encoder_file": encoder.name if encoder else "",
-                "weights": weight_files,
-                "opset": _opset(model) if model else 0,
-                "quantization": quantization,
-                "max_length": info.max_length,
-                "labels": list(info.labels),
-                "multi_label": info.multi_label,
-                "pooling": (
-                    {"mode": info.pooling.mode, "normalize": info.pooling.normalize}
-                    if info.pooling
-                    else None
-                ),
-                "dimensions": (
-                    _dimensions(model, staging / "config.json") if chosen is Task.EMBED else 0
-                ),
-                "generation": info.generation,
-                "chat_template": chat_template,
-                "validation": validation,
-                "files": {
-                    str(p.relative_to(staging)): {
-                        "sha256": sha256_file(p),
-                        "bytes": p.stat().st_size,
-                    }
-                    for p in sorted(staging.rglob("*"))
-                    if p.is_file()
-                },
-            }
-            manifest["format_version"] = format_version(manifest)
+            manifest = _manifest(name or out.name, src, info, built, staging)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         with progress.step(f"moving the model dir into place at {out}"):
             # Renames only, so a crash leaves either the old dir or the new one, never neither.
@@ -232,6 +272,183 @@ def export_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(dequantized, ignore_errors=True)
+    return manifest
+
+
+def _local_gguf(name_or_path: str) -> bool:
+    try:
+        return gguf.find(Path(name_or_path).expanduser()) is not None
+    except ExportError:  # several GGUF files: resolve() says so in its own step
+        return False
+
+
+def _read(
+    path: Path,
+    task: Task | None,
+    max_length: int | None,
+    pooling: str | None,
+    normalize: bool | None,
+    progress: Progress,
+) -> CheckpointInfo:
+    """The checkpoint's task and facts, with the choices made for the user said aloud."""
+    chosen = task or checkpoint.detect_task(path)
+    info = checkpoint.inspect(path, chosen, max_length, pooling, normalize)
+    for note in info.notes:
+        progress.note(note)
+    return info
+
+
+@dataclass
+class _Built:
+    """What the conversion put in the staging dir, for the manifest."""
+
+    model: Path | None
+    encoder: Path | None
+    weights: list[str]
+    chat_template: str
+    validation: dict[str, Any]
+    quantization: str | dict[str, Any] = "none"
+
+
+def _extras(src: Path, staging: Path, info: CheckpointInfo, trust_remote_code: bool) -> str:
+    """sentence-transformers files, tokenizer.json and the chat template beside the model;
+    returns the chat template's file name ("" if none)."""
+    for extra in _ST_FILES:
+        if (src / extra).is_file():
+            (staging / extra).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / extra, staging / extra)
+    fast_tokenizer.ensure(src, staging, trust_remote_code)
+    return generation.write_chat_template(staging) if info.task.generative else ""
+
+
+def _exported(
+    src: Path,
+    staging: Path,
+    info: CheckpointInfo,
+    backend: str,
+    int8: bool,
+    opset: int | None,
+    tol: Tolerance,
+    validate_tokens: int,
+    trust_remote_code: bool,
+    progress: Progress,
+) -> _Built:
+    """Steps 2 and 3 from PyTorch weights: ONNX (and/or the weights), validated."""
+    onnx, torch = _plan(backend, src, info, int8, progress)
+    model: Path | None = None
+    encoder: Path | None = None
+    with progress.step(_convert_step(info.task, onnx, torch)):
+        if onnx:
+            model, encoder = convert.to_onnx(src, staging, info.task, opset, trust_remote_code)
+        else:
+            weights.copy_model_files(src, staging, trust_remote_code)
+        weight_files = weights.copy_weights(src, staging) if torch else []
+        chat_template = _extras(src, staging, info, trust_remote_code)
+    checking = (
+        f"validating against PyTorch ({tol.describe()}, inputs of up to "
+        f"{min(validate_tokens, info.max_length)} tokens)"
+        if onnx
+        else "checking the tokenizer"
+    )
+    with progress.step(checking):
+        started = time.perf_counter()
+        validation = validate.validate(
+            src, staging, info, tol, validate_tokens, trust_remote_code, onnx
+        )
+        validation["seconds"] = round(time.perf_counter() - started, 1)
+    return _Built(model, encoder, weight_files, chat_template, validation)
+
+
+def _imported(
+    graph: Path,
+    src: Path,
+    staging: Path,
+    info: CheckpointInfo,
+    backend: str,
+    quantize: str,
+    tol: Tolerance,
+    validate_tokens: int,
+    trust_remote_code: bool,
+    progress: Progress,
+    bars: validate_imported.Bars,
+) -> _Built:
+    """Steps 2 and 3 for a pre-exported graph: copied, then checked without PyTorch."""
+    relative = graph.relative_to(src)
+    if backend not in ("auto", "onnx"):
+        raise ExportError(
+            f"--backend {backend} serves PyTorch weights, and an imported graph ({relative}) "
+            "comes without them: use --backend auto or onnx"
+        )
+    if quantize != "none":
+        raise ExportError(
+            f"--quantize applies to exports from PyTorch weights; {relative} is already "
+            "exported: import it as it is, or pick a quantized variant with --onnx-file"
+        )
+    with progress.step(f"importing the pre-exported ONNX graph {relative}"):
+        facts = imported.inspect_graph(graph)
+        others = [g for g in imported.graphs(src) if g != str(relative)]
+        if others:
+            progress.note(f"other graphs there ({', '.join(others)}): --onnx-file picks one")
+        weights.copy_model_files(src, staging, trust_remote_code)
+        model = imported.copy_graph(graph, staging, SERVED_GRAPH)
+        chat_template = _extras(src, staging, info, trust_remote_code)
+    with progress.step(
+        f"checking the graph without a PyTorch reference ({tol.describe()}): its inputs and "
+        "outputs, tokenizer and embedding table, and itself alone against batched"
+    ):
+        started = time.perf_counter()
+        validation, notes = validate_imported.validate_graph(
+            src, staging, info, facts, tol, validate_tokens, trust_remote_code, bars
+        )
+        validation["seconds"] = round(time.perf_counter() - started, 1)
+        for note in notes:
+            progress.note(note)
+    quantization: str | dict[str, Any] = "none"
+    if facts.quantization != "none":
+        quantization = {"mode": facts.quantization, "operators": list(facts.quantized_ops)}
+    return _Built(model, None, [], chat_template, validation, quantization)
+
+
+def _manifest(
+    name: str, src: source.Source, info: CheckpointInfo, built: _Built, staging: Path
+) -> dict[str, Any]:
+    """manifest.json's content, the files' checksums included."""
+    model = built.model
+    manifest = {
+        "format_version": 0,  # set below, once the manifest is complete
+        "name": name,
+        "task": info.task.value,
+        "source": src.manifest_entry(),
+        "exported_by": versions(),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "onnx_file": model.name if model else "",
+        "onnx_encoder_file": built.encoder.name if built.encoder else "",
+        "weights": built.weights,
+        "opset": _opset(model) if model else 0,
+        "quantization": built.quantization,
+        "max_length": info.max_length,
+        "labels": list(info.labels),
+        "multi_label": info.multi_label,
+        "pooling": (
+            {"mode": info.pooling.mode, "normalize": info.pooling.normalize}
+            if info.pooling
+            else None
+        ),
+        "dimensions": (
+            _dimensions(model, staging / "config.json") if info.task is Task.EMBED else 0
+        ),
+        "generation": info.generation,
+        "chat_template": built.chat_template,
+        "validation": built.validation,
+        "files": {
+            str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        },
+    }
+    manifest["format_version"] = format_version(manifest)
     return manifest
 
 

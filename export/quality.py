@@ -47,6 +47,9 @@ TEXTS = (
     "Machine learning models map sentences of different lengths into one vector space, which "
     "makes semantic search and clustering of support tickets possible.",
 )
+# The gate's defaults (--int8-min-cosine, --int8-min-agreement).
+MIN_COSINE = 0.99
+MIN_AGREEMENT = 0.9
 # Far over the usual 512-token limit of an encoder, so truncation is exercised too.
 _LONG_REPEATS = 100
 

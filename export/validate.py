@@ -7,18 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from export import validate_generation
 from export.checkpoint import CheckpointInfo
+from export.compare import Tolerance, closeness, refusal
+from export.validate_generation import long_text
 from sidecar.errors import ValidationError
-from sidecar.models.manifest import Task
+from sidecar.models.manifest import ONNX_VS_PYTORCH, TOKENIZER_ONLY, Task
 from sidecar.runtime.onnx import OnnxBackend
 from sidecar.tasks import embed
 from sidecar.tasks.tokenization import EncodedBatch, TextEncoder
 
-# What `validation` in the manifest compared.
-ONNX_VS_PYTORCH = "onnx-vs-pytorch"
-TOKENIZER_ONLY = "tokenizer-only"
 SHORT = "Refund not received after 14 days."
 MIXED = [
     "My invoice is wrong.",
@@ -36,12 +36,8 @@ PAIR_TRUNCATION = {Task.RERANK: "only_second", Task.ZERO_SHOT: "only_first"}
 
 def cases(max_length: int) -> list[list[str]]:
     """Batches of different shapes: one short input, a padded mix, and over-long inputs."""
-    long_text = _long(max_length)
-    return [[SHORT], MIXED, [long_text, long_text[: len(long_text) // 3]]]
-
-
-def _long(max_length: int) -> str:
-    return " ".join(["The customer reports the export fails on large reports."] * max_length)
+    text = long_text(max_length)
+    return [[SHORT], MIXED, [text, text[: len(text) // 3]]]
 
 
 def pair_case(task: Task, max_length: int) -> list[tuple[str, str]]:
@@ -49,27 +45,26 @@ def pair_case(task: Task, max_length: int) -> list[tuple[str, str]]:
     if task is Task.RERANK:
         return [
             ("How do I reset my password?", "Open settings, then security, then reset."),
-            ("refund not received", _long(max_length)),
+            ("refund not received", long_text(max_length)),
             (SHORT, MIXED[2]),
         ]
     return [
         (SHORT, "This example is billing."),
-        (_long(max_length), "This example is a bug."),
+        (long_text(max_length), "This example is a bug."),
         (MIXED[2], "This example is about travel."),
     ]
 
 
-def _torch_outputs(
-    model: Any, tokenizer: Any, texts: list[str], max_length: int
-) -> tuple[Any, Any]:
+def _forward(model: Any, batch: Any) -> Any:
+    """The PyTorch model on the tokenizer's outputs that its forward takes: a tokenizer may
+    emit token_type_ids a model has no use for (ModernBERT saved with a BERT tokenizer)."""
+    import inspect
+
     import torch
 
-    batch = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    accepted = inspect.signature(model.forward).parameters
     with torch.inference_mode():
-        output = model(**batch)
-    return batch, output
+        return model(**{k: v for k, v in batch.items() if k in accepted})
 
 
 def encode_pairs(encoder: TextEncoder, pairs: list[tuple[str, str]], task: Task) -> EncodedBatch:
@@ -79,20 +74,18 @@ def encode_pairs(encoder: TextEncoder, pairs: list[tuple[str, str]], task: Task)
 
 
 def _checked_pairs(
-    exported: Path, encoder: TextEncoder, tokenizer: Any, info: CheckpointInfo
-) -> tuple[Any, EncodedBatch, list[tuple[str, str]]]:
-    """transformers' encoding of pair_case() and the sidecar's; ValidationError if ids differ."""
-    strategy = PAIR_TRUNCATION[info.task]
-    pairs = pair_case(info.task, info.max_length)
+    encoder: TextEncoder, tokenizer: Any, task: Task, pairs: list[tuple[str, str]]
+) -> tuple[Any, EncodedBatch]:
+    """transformers' encoding of pairs and the sidecar's; ValidationError if ids differ."""
     reference = tokenizer(
         [a for a, _ in pairs],
         [b for _, b in pairs],
         padding=True,
-        truncation=strategy,
-        max_length=info.max_length,
+        truncation=PAIR_TRUNCATION[task],
+        max_length=encoder.max_length,
         return_tensors="pt",
     )
-    batch = encode_pairs(encoder, pairs, info.task)
+    batch = encode_pairs(encoder, pairs, task)
     # Segment ids matter for pairs: BERT-style models tell query from passage by them.
     same = np.array_equal(reference["input_ids"].numpy(), batch.input_ids) and (
         "token_type_ids" not in reference
@@ -104,33 +97,56 @@ def _checked_pairs(
             f"({pairs[0][0][:40]!r}, {pairs[0][1][:40]!r})...: the model would see different "
             "text than it was trained on"
         )
-    return reference, batch, pairs
+    return reference, batch
+
+
+def _checked_texts(
+    encoder: TextEncoder, tokenizer: Any, texts: list[str]
+) -> tuple[Any, EncodedBatch]:
+    """transformers' padded encoding of texts and the sidecar's; ValidationError if ids differ."""
+    reference = tokenizer(
+        texts, padding=True, truncation=True, max_length=encoder.max_length, return_tensors="pt"
+    )
+    batch = encoder.encode(texts, truncate=True)
+    if not np.array_equal(reference["input_ids"].numpy(), batch.input_ids):
+        raise ValidationError(
+            f"the exported tokenizer gives other ids than the checkpoint's tokenizer for "
+            f"{texts[0][:40]!r}...: the model would see different text than it was trained on"
+        )
+    return reference, batch
 
 
 def validate(
     source: Path,
     exported: Path,
     info: CheckpointInfo,
-    atol: float,
+    tol: Tolerance,
+    max_tokens: int,
     trust_remote_code: bool,
     onnx: bool = True,
 ) -> dict[str, Any]:
-    """Check the exported dir against the checkpoint; raise ValidationError on a difference."""
+    """Check the exported dir against the checkpoint; raise ValidationError on a difference.
+
+    Inputs run through the models are cut to max_tokens (when the model takes more); the
+    tokenizers are still compared at the model's full length.
+    """
     if not onnx:
-        return tokenizer_only(source, exported, info, atol, trust_remote_code)
+        return tokenizer_only(source, exported, info, tol, trust_remote_code)
     if info.task.generative:
-        return {
-            "compared": ONNX_VS_PYTORCH,
-            **validate_generation.validate(source, exported, info, atol, trust_remote_code),
-        }
+        found = validate_generation.validate(
+            source, exported, info, tol, max_tokens, trust_remote_code
+        )
+    else:
+        found = _encoder(source, exported, info, tol, max_tokens, trust_remote_code)
     return {
         "compared": ONNX_VS_PYTORCH,
-        **_encoder(source, exported, info, atol, trust_remote_code),
+        "validated_length": min(max_tokens, info.max_length),
+        **found,
     }
 
 
 def tokenizer_only(
-    source: Path, exported: Path, info: CheckpointInfo, atol: float, trust_remote_code: bool
+    source: Path, exported: Path, info: CheckpointInfo, tol: Tolerance, trust_remote_code: bool
 ) -> dict[str, Any]:
     """For a dir without ONNX: the torch backend runs the checkpoint's own weights, so only
     the sidecar's tokenizer can differ from the checkpoint's."""
@@ -148,7 +164,8 @@ def tokenizer_only(
     lengths = [len(validate_generation.checked_ids(encoder, tokenizer, t, limit)) for t in texts]
     cases_ = [{"batch": 1, "seq_len": n, "tokenizer": "same ids"} for n in lengths]
     if info.task in PAIR_TRUNCATION:
-        _, batch, pairs = _checked_pairs(exported, encoder, tokenizer, info)
+        pairs = pair_case(info.task, info.max_length)
+        _, batch = _checked_pairs(encoder, tokenizer, info.task, pairs)
         cases_.append(
             {
                 "batch": len(pairs),
@@ -160,16 +177,22 @@ def tokenizer_only(
     return {
         "compared": TOKENIZER_ONLY,
         # Nothing numeric was compared: the weights served are the checkpoint's own.
-        "atol": atol,
+        "atol": tol.atol,
+        "rtol": tol.rtol,
         "max_abs_diff": 0.0,
         "cases": cases_,
     }
 
 
 def _encoder(
-    source: Path, exported: Path, info: CheckpointInfo, atol: float, trust_remote_code: bool
+    source: Path,
+    exported: Path,
+    info: CheckpointInfo,
+    tol: Tolerance,
+    max_tokens: int,
+    trust_remote_code: bool,
 ) -> dict[str, Any]:
-    """Compare outputs case by case; raise ValidationError above atol or on a tokenizer mismatch."""
+    """Compare outputs case by case; ValidationError out of tolerance or on a tokenizer mismatch."""
     from transformers import (
         AutoModel,
         AutoModelForSequenceClassification,
@@ -184,69 +207,94 @@ def _encoder(
         model_class = AutoModelForTokenClassification
     model = model_class.from_pretrained(source, trust_remote_code=trust_remote_code).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    encoder = TextEncoder(exported, info.max_length)
     backend = OnnxBackend(exported / "model.onnx", "cpu")
+    full = TextEncoder(exported, info.max_length)
+    bounded = full if info.max_length <= max_tokens else TextEncoder(exported, max_tokens)
 
     results: list[dict[str, Any]] = []
-    worst = 0.0
     for texts in cases(info.max_length):
-        reference_batch, reference = _torch_outputs(model, tokenizer, texts, info.max_length)
-        batch = encoder.encode(texts, truncate=True)
-        if not np.array_equal(reference_batch["input_ids"].numpy(), batch.input_ids):
-            raise ValidationError(
-                f"the exported tokenizer gives other ids than the checkpoint's tokenizer for "
-                f"{texts[0][:40]!r}...: the model would see different text than it was trained on"
-            )
-        diff = _compare(backend, batch, reference, info, atol)
-        worst = max(worst, diff)
-        results.append(
-            {"batch": len(texts), "seq_len": int(batch.input_ids.shape[1]), "max_abs_diff": diff}
-        )
+        reference_batch, batch = _checked_texts(bounded, tokenizer, texts)
+        reference = _forward(model, reference_batch)
+        results.append(_compare(backend, batch, reference, info, tol))
+    if bounded is not full:
+        # The over-long inputs at the model's own limit: same ids, not run through the models.
+        _, batch = _checked_texts(full, tokenizer, cases(info.max_length)[-1])
+        results.append(_tokenizer_case(batch))
     if info.task in PAIR_TRUNCATION:
-        import torch
-
-        reference_batch, batch, pairs = _checked_pairs(exported, encoder, tokenizer, info)
-        with torch.inference_mode():
-            reference = model(**reference_batch)
-        diff = _compare(backend, batch, reference, info, atol)
-        worst = max(worst, diff)
+        pairs = pair_case(info.task, info.max_length)
+        reference_batch, batch = _checked_pairs(bounded, tokenizer, info.task, pairs)
+        reference = _forward(model, reference_batch)
         results.append(
-            {
-                "batch": len(pairs),
-                "seq_len": int(batch.input_ids.shape[1]),
-                "pairs": PAIR_TRUNCATION[info.task],
-                "max_abs_diff": diff,
-            }
+            {**_compare(backend, batch, reference, info, tol), "pairs": PAIR_TRUNCATION[info.task]}
         )
-    return {"atol": atol, "max_abs_diff": worst, "cases": results}
+        if bounded is not full:
+            _, batch = _checked_pairs(full, tokenizer, info.task, pairs)
+            results.append({**_tokenizer_case(batch), "pairs": PAIR_TRUNCATION[info.task]})
+    compared = [case for case in results if "max_abs_diff" in case]
+    return {
+        "atol": tol.atol,
+        "rtol": tol.rtol,
+        "max_abs_diff": max(case["max_abs_diff"] for case in compared),
+        "tolerance_used": max(case["tolerance_used"] for case in compared),
+        "cases": results,
+    }
+
+
+def _tokenizer_case(batch: EncodedBatch) -> dict[str, Any]:
+    return {
+        "batch": int(batch.input_ids.shape[0]),
+        "seq_len": int(batch.input_ids.shape[1]),
+        "tokenizer": "same ids",
+    }
+
+
+def output(outputs: dict[str, npt.NDArray[np.float32]], name: str) -> npt.NDArray[np.float32]:
+    """The named output, or the graph's first when it names it differently (as served)."""
+    found = outputs.get(name)
+    return next(iter(outputs.values())) if found is None else found
+
+
+def served_outputs(
+    outputs: dict[str, npt.NDArray[np.float32]], mask: npt.NDArray[np.int64], info: CheckpointInfo
+) -> list[npt.NDArray[np.float32]]:
+    """What callers can see of a batch's outputs: real tokens only (padded positions never
+    reach a caller), and for embeddings the pooled vectors too."""
+    if info.task is Task.EMBED:
+        assert info.pooling is not None
+        hidden = output(outputs, "last_hidden_state")
+        return [
+            np.where(mask[..., None] > 0, hidden, 0),
+            embed.pool(hidden, mask, info.pooling.mode),
+        ]
+    if info.task is Task.EXTRACT_ENTITIES:
+        return [np.where(mask[..., None] > 0, output(outputs, "logits"), 0)]
+    return [output(outputs, "logits")]
 
 
 def _compare(
-    backend: OnnxBackend, batch: EncodedBatch, reference: Any, info: CheckpointInfo, atol: float
-) -> float:
-    """Largest |ONNX - PyTorch| on what callers can see; ValidationError above atol."""
-    outputs = backend.run(batch.feed())
+    backend: OnnxBackend,
+    batch: EncodedBatch,
+    reference: Any,
+    info: CheckpointInfo,
+    tol: Tolerance,
+) -> dict[str, Any]:
+    """One case's figures; ValidationError when ONNX is out of tolerance of PyTorch."""
     mask = batch.attention_mask
-    if info.task is Task.EMBED:
-        assert info.pooling is not None
-        hidden, expected = outputs["last_hidden_state"], reference.last_hidden_state.numpy()
-        mode = info.pooling.mode
-        errors = [
-            # Real tokens only (padded positions never reach a caller), then the pooled vector.
-            np.where(mask[..., None] > 0, hidden - expected, 0),
-            embed.pool(hidden, mask, mode) - embed.pool(expected, mask, mode),
-        ]
-    elif info.task is Task.EXTRACT_ENTITIES:
-        # Per-token logits: real tokens only, as for embeddings.
-        errors = [np.where(mask[..., None] > 0, outputs["logits"] - reference.logits.numpy(), 0)]
-    else:
-        errors = [outputs["logits"] - reference.logits.numpy()]
-    # np.max propagates NaN, and `not diff <= atol` is true for NaN: a NaN always fails.
-    diff = float(np.max([np.max(np.abs(e)) for e in errors]))
-    if not diff <= atol:
-        raise ValidationError(
-            f"ONNX outputs differ from PyTorch by {diff:.2e} (atol {atol:.0e}) on a batch of "
-            f"{batch.input_ids.shape[0]} x {batch.input_ids.shape[1]} tokens: the export is not "
-            "faithful"
-        )
-    return diff
+    expected_outputs = {
+        "last_hidden_state" if info.task is Task.EMBED else "logits": (
+            reference.last_hidden_state if info.task is Task.EMBED else reference.logits
+        ).numpy()
+    }
+    actual = served_outputs(backend.run(batch.feed()), mask, info)
+    expected = served_outputs(expected_outputs, mask, info)
+    found = [closeness(a, e, tol) for a, e in zip(actual, expected, strict=True)]
+    shape = (int(batch.input_ids.shape[0]), int(batch.input_ids.shape[1]))
+    for result in found:
+        if not result.passed:
+            raise refusal("ONNX outputs", result, tol, shape)
+    return {
+        "batch": shape[0],
+        "seq_len": shape[1],
+        "max_abs_diff": max(r.max_abs_diff for r in found),
+        "tolerance_used": max(r.tolerance_used for r in found),
+    }

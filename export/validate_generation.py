@@ -4,11 +4,14 @@ loop feeds it, against the PyTorch model on the same prompts.
 Each prompt is checked at prefill (whole prompt, empty past) and at one cached step (the
 next token with the prefill's presents as past); then all prompts take one cached step
 together, their caches left-padded to the longest and masked, as batched decoding does.
+Prompts are cut to a bounded length (eager PyTorch over a full 8k context takes minutes and
+gigabytes); a decoder-only graph that takes position ids also runs a short prompt placed at
+the end of its context, so the last positions are checked without a long prefill.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from export.checkpoint import CheckpointInfo
+from export.compare import NextTokens, Tolerance, closeness, refusal
 from export.convert import SERVED
 from sidecar.errors import ValidationError
 from sidecar.models.manifest import Task
@@ -30,10 +34,14 @@ _PAST = "past_key_values."
 _PRESENT = "present."
 
 
+def long_text(max_length: int) -> str:
+    """Text longer than max_length tokens in any tokenizer."""
+    return " ".join(["The customer reports the export fails on large reports."] * max_length)
+
+
 def prompts(max_length: int) -> list[str]:
     """A short prompt, one with several scripts, and one cut to the longest allowed."""
-    long_text = " ".join(["The customer reports the export fails on large reports."] * max_length)
-    return [SHORT, UNICODE, long_text]
+    return [SHORT, UNICODE, long_text(max_length)]
 
 
 def prompt_limit(info: CheckpointInfo) -> int:
@@ -53,7 +61,7 @@ def checked_ids(encoder: TextEncoder, tokenizer: Any, text: str, limit: int) -> 
     return ids
 
 
-class _Graph:
+class Graph:
     """An ONNX graph in an ORT session, fed by name, with its past inputs described."""
 
     def __init__(self, path: Path) -> None:
@@ -64,7 +72,26 @@ class _Graph:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.name = path.name
         self.inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        self._types = {i.name: i.type for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def check_presents(self) -> None:
+        """Every past input needs the output that carries it to the next step."""
+        missing = [
+            _PRESENT + name.removeprefix(_PAST)
+            for name in self.inputs
+            if name.startswith(_PAST) and _PRESENT + name.removeprefix(_PAST) not in self.outputs
+        ]
+        if missing:
+            raise ValidationError(
+                f"{self.name} returns no {', '.join(missing)}: a decoding step could not pass "
+                "its cache on, so the export is not faithful"
+            )
+
+    @property
+    def takes_positions(self) -> bool:
+        """Whether the graph takes position ids (else it counts positions from the past)."""
+        return "position_ids" in self.inputs
 
     def empty_past(self, batch: int) -> Cache:
         """Zero-length past tensors [batch, heads, 0, head_dim]: a first pass has no cache."""
@@ -75,7 +102,9 @@ class _Graph:
             heads, head_dim = shape[1], shape[3]
             if not (isinstance(heads, int) and isinstance(head_dim, int)):
                 raise ValidationError(f"{name} has no fixed heads / head size: {shape}")
-            past[name] = np.zeros((batch, heads, 0, head_dim), np.float32)
+            # float16 graphs (model_fp16.onnx) take a float16 past.
+            dtype = np.float16 if self._types[name] == "tensor(float16)" else np.float32
+            past[name] = np.zeros((batch, heads, 0, head_dim), dtype)
         return past
 
     def run(self, feed: dict[str, npt.NDArray[Any]]) -> dict[str, FloatArray]:
@@ -89,7 +118,7 @@ class _Graph:
         return dict(zip(self.outputs, outputs, strict=True))
 
 
-def _as_past(outputs: dict[str, FloatArray]) -> Cache:
+def as_past(outputs: dict[str, FloatArray]) -> Cache:
     """present.* outputs renamed as the past_key_values.* inputs of the next pass."""
     return {
         _PAST + name.removeprefix(_PRESENT): value
@@ -108,13 +137,13 @@ def _left_pad(values: list[FloatArray], length: int, axis: int) -> FloatArray:
     return np.concatenate(padded)
 
 
-def _batch_caches(caches: list[Cache], length: int, part: str = "") -> Cache:
+def batch_caches(caches: list[Cache], length: int, part: str = "") -> Cache:
     """One batched cache from per-sequence ones (the `part` entries only), sequence axis 2."""
     names = [name for name in caches[0] if part in name]
     return {name: _left_pad([c[name] for c in caches], length, 2) for name in names}
 
 
-def _mask(lengths: list[int], width: int) -> npt.NDArray[np.int64]:
+def left_padded_mask(lengths: list[int], width: int) -> npt.NDArray[np.int64]:
     """Attention mask of left-padded rows: ones over each row's last `length` positions."""
     mask = np.zeros((len(lengths), width), np.int64)
     for row, n in enumerate(lengths):
@@ -122,86 +151,192 @@ def _mask(lengths: list[int], width: int) -> npt.NDArray[np.int64]:
     return mask
 
 
-def _diff(actual: FloatArray, expected: Any) -> float:
-    return float(np.max(np.abs(actual - np.asarray(expected))))
-
-
 @dataclass
-class _Report:
-    atol: float
-    cases: list[dict[str, Any]]
+class Report:
+    """The cases compared so far; raises on the first one out of tolerance."""
 
-    def add(self, stage: str, batch: int, seq_len: int, diff: float) -> None:
-        # `not diff <= atol` is true for NaN: a NaN always fails.
-        if not diff <= self.atol:
-            raise ValidationError(
-                f"ONNX {stage} outputs differ from PyTorch by {diff:.2e} (atol {self.atol:.0e}) "
-                f"on a batch of {batch} x {seq_len} tokens: the export is not faithful"
-            )
+    tol: Tolerance
+    reference: str = "PyTorch"
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    tokens: NextTokens = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = NextTokens()
+
+    def add(
+        self,
+        stage: str,
+        actual: npt.NDArray[Any],
+        expected: Any,
+        batch: int,
+        seq_len: int,
+        first_position: int = 0,
+        logits: bool = True,
+        reference: str | None = None,
+    ) -> None:
+        """Compare one stage's outputs; logits are also compared by next-token choice."""
+        expected = np.asarray(expected)
+        reference = reference or self.reference
+        found = closeness(actual, expected, self.tol)
+        if not found.passed:
+            raise refusal(f"ONNX {stage} outputs", found, self.tol, (batch, seq_len), reference)
+        if logits:
+            self.tokens.add(actual, expected, stage, reference)
         self.cases.append(
-            {"stage": stage, "batch": batch, "seq_len": seq_len, "max_abs_diff": diff}
-        )
-
-
-def _decoder_only(graph: _Graph, model: Any, prompts: list[list[int]], report: _Report) -> None:
-    import torch
-
-    caches, tokens, expected_steps = [], [], []
-    for ids in prompts:
-        n = len(ids)
-        with torch.inference_mode():
-            reference = model(input_ids=torch.tensor([ids]), use_cache=True)
-            token = int(reference.logits[0, -1].argmax())
-            step = model(
-                input_ids=torch.tensor([[token]]),
-                attention_mask=torch.ones((1, n + 1), dtype=torch.long),
-                past_key_values=reference.past_key_values,
-                use_cache=True,
-            )
-        feed: dict[str, npt.NDArray[Any]] = {
-            "input_ids": np.asarray([ids], np.int64),
-            "attention_mask": np.ones((1, n), np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None],
-            **graph.empty_past(1),
-        }
-        prefill = graph.run(feed)
-        report.add("prefill", 1, n, _diff(prefill["logits"], reference.logits))
-        cache = _as_past(prefill)
-        stepped = graph.run(
             {
-                "input_ids": np.asarray([[token]], np.int64),
-                "attention_mask": np.ones((1, n + 1), np.int64),
-                "position_ids": np.asarray([[n]], np.int64),
-                **cache,
+                "stage": stage,
+                "batch": batch,
+                "seq_len": seq_len,
+                **({"first_position": first_position} if first_position else {}),
+                "max_abs_diff": found.max_abs_diff,
+                "tolerance_used": found.tolerance_used,
             }
         )
-        report.add("cached step", 1, n + 1, _diff(stepped["logits"], step.logits))
-        caches.append(cache)
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's validation figures."""
+        return {
+            "atol": self.tol.atol,
+            "rtol": self.tol.rtol,
+            "max_abs_diff": max(case["max_abs_diff"] for case in self.cases),
+            "tolerance_used": max(case["tolerance_used"] for case in self.cases),
+            "next_token": self.tokens.record(),
+            "cases": self.cases,
+        }
+
+
+def _torch_prefill_and_step(
+    model: Any, ids: list[int], start: int
+) -> tuple[int, FloatArray, FloatArray]:
+    """PyTorch's prefill logits, the greedy next token, and the cached step's logits, with
+    the prompt placed at positions start, start + 1, ..."""
+    import torch
+
+    n = len(ids)
+    # Positions only when they do not start at 0: some models (Bloom) take none.
+    first = {"position_ids": torch.arange(start, start + n)[None]} if start else {}
+    then = {"position_ids": torch.tensor([[start + n]])} if start else {}
+    with torch.inference_mode():
+        prefill = model(input_ids=torch.tensor([ids]), use_cache=True, **first)
+        token = int(prefill.logits[0, -1].argmax())
+        step = model(
+            input_ids=torch.tensor([[token]]),
+            attention_mask=torch.ones((1, n + 1), dtype=torch.long),
+            past_key_values=prefill.past_key_values,
+            use_cache=True,
+            **then,
+        )
+    return token, prefill.logits.numpy(), step.logits.numpy()
+
+
+def _onnx_prefill_and_step(
+    graph: Graph, ids: list[int], token: int, start: int
+) -> tuple[dict[str, FloatArray], dict[str, FloatArray]]:
+    """The graph's prefill and cached step outputs, as _torch_prefill_and_step runs them."""
+    n = len(ids)
+    prefill = graph.run(
+        {
+            "input_ids": np.asarray([ids], np.int64),
+            "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
+            **graph.empty_past(1),
+        }
+    )
+    step = graph.run(
+        {
+            "input_ids": np.asarray([[token]], np.int64),
+            "attention_mask": np.ones((1, n + 1), np.int64),
+            "position_ids": np.asarray([[start + n]], np.int64),
+            **as_past(prefill),
+        }
+    )
+    return prefill, step
+
+
+def chunked_prefill(graph: Graph, ids: list[int], split: int) -> FloatArray:
+    """The logits of ids[split:], prefilled on top of the cache of ids[:split], as the sidecar
+    prefills a long prompt in chunks."""
+    n = len(ids)
+    head = graph.run(
+        {
+            "input_ids": np.asarray([ids[:split]], np.int64),
+            "attention_mask": np.ones((1, split), np.int64),
+            "position_ids": np.arange(split, dtype=np.int64)[None],
+            **graph.empty_past(1),
+        }
+    )
+    rest = graph.run(
+        {
+            "input_ids": np.asarray([ids[split:]], np.int64),
+            "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(split, n, dtype=np.int64)[None],
+            **as_past(head),
+        }
+    )
+    return rest["logits"]
+
+
+def _decoder_only(
+    graph: Graph, model: Any, prompts: list[list[int]], context: int, report: Report
+) -> None:
+    caches, tokens, expected_steps = [], [], []
+    expected_prefill: FloatArray = np.empty(0, np.float32)
+    for ids in prompts:
+        n = len(ids)
+        token, expected_prefill, expected_step = _torch_prefill_and_step(model, ids, 0)
+        prefill, step = _onnx_prefill_and_step(graph, ids, token, 0)
+        report.add("prefill", prefill["logits"], expected_prefill, 1, n)
+        report.add("cached step", step["logits"], expected_step, 1, n + 1)
+        caches.append(as_past(prefill))
         tokens.append(token)
-        expected_steps.append(step.logits[0].numpy())
+        expected_steps.append(expected_step[0])
 
     lengths = [len(ids) for ids in prompts]
     longest = max(lengths)
     batched = graph.run(
         {
             "input_ids": np.asarray([[t] for t in tokens], np.int64),
-            "attention_mask": _mask([n + 1 for n in lengths], longest + 1),
+            "attention_mask": left_padded_mask([n + 1 for n in lengths], longest + 1),
             "position_ids": np.asarray([[n] for n in lengths], np.int64),
-            **_batch_caches(caches, longest),
+            **batch_caches(caches, longest),
         }
     )
-    report.add(
-        "batched cached step", len(prompts), longest + 1, _diff(batched["logits"], expected_steps)
-    )
+    report.add("batched cached step", batched["logits"], expected_steps, len(prompts), longest + 1)
+
+    # Several tokens fed on top of a past: the second half of the long prompt.
+    ids = prompts[-1]
+    split = len(ids) // 2
+    if split:
+        rest = chunked_prefill(graph, ids, split)
+        report.add("chunked prefill", rest, expected_prefill[:, split:], 1, len(ids), split)
+
+    # The last positions of the context, which the bounded prompts do not reach: the unicode
+    # prompt placed so that its cached step takes the very last position.
+    far = prompts[1]
+    start = context - 1 - len(far)
+    if graph.takes_positions and start > longest:
+        token, expected_prefill, expected_step = _torch_prefill_and_step(model, far, start)
+        prefill, step = _onnx_prefill_and_step(graph, far, token, start)
+        n = len(far)
+        try:
+            report.add("end-of-context prefill", prefill["logits"], expected_prefill, 1, n, start)
+            report.add("end-of-context cached step", step["logits"], expected_step, 1, n + 1, start)
+        except ValidationError as exc:
+            # Position-dependent scaling (long-context RoPE variants) can be traced for the
+            # short inputs of the export only.
+            raise ValidationError(
+                f"{exc}. The first {longest + 1} positions passed: with --max-length "
+                f"{longest + 1} the graph would be served only where it is faithful"
+            ) from None
 
 
 def _seq2seq(
-    encoder: _Graph,
-    decoder: _Graph,
+    encoder: Graph,
+    decoder: Graph,
     model: Any,
     start: int,
     prompts: list[list[int]],
-    report: _Report,
+    report: Report,
 ) -> None:
     import torch
 
@@ -229,7 +364,7 @@ def _seq2seq(
         hidden = encoder.run({"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})[
             "last_hidden_state"
         ]
-        report.add("encoder", 1, n, _diff(hidden, encoded.last_hidden_state))
+        report.add("encoder", hidden, encoded.last_hidden_state, 1, n, logits=False)
         common = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask.numpy()}
         started = decoder.run(
             {
@@ -239,10 +374,10 @@ def _seq2seq(
                 **decoder.empty_past(1),
             }
         )
-        report.add("decoder start", 1, 1, _diff(started["logits"], first.logits))
+        report.add("decoder start", started["logits"], first.logits, 1, 1)
         # The cached branch returns placeholders for the cross-attention presents: the
         # encoder's keys and values from the first pass are reused for the whole sequence.
-        cache = _as_past(started)
+        cache = as_past(started)
         stepped = decoder.run(
             {
                 **common,
@@ -251,7 +386,7 @@ def _seq2seq(
                 **cache,
             }
         )
-        report.add("cached step", 1, 2, _diff(stepped["logits"], step.logits))
+        report.add("cached step", stepped["logits"], step.logits, 1, 2)
         caches.append(cache)
         hidden_states.append(hidden)
         tokens.append(token)
@@ -263,37 +398,55 @@ def _seq2seq(
     batched = decoder.run(
         {
             "encoder_hidden_states": _left_pad(hidden_states, longest, 1),
-            "encoder_attention_mask": _mask(lengths, longest),
+            "encoder_attention_mask": left_padded_mask(lengths, longest),
             "input_ids": np.asarray([[t] for t in tokens], np.int64),
             "use_cache_branch": np.asarray([True]),
-            **_batch_caches(caches, 1, ".decoder."),
-            **_batch_caches(caches, longest, ".encoder."),
+            **batch_caches(caches, 1, ".decoder."),
+            **batch_caches(caches, longest, ".encoder."),
         }
     )
-    report.add("batched cached step", len(prompts), 2, _diff(batched["logits"], expected_steps))
+    report.add("batched cached step", batched["logits"], expected_steps, len(prompts), 2)
+
+
+def validated_prompts(
+    exported: Path, tokenizer: Any, info: CheckpointInfo, max_tokens: int
+) -> list[list[int]]:
+    """prompts() as ids, each checked against the checkpoint's tokenizer; the long one is
+    checked cut at the full context, then cut at max_tokens for the model runs."""
+    limit = prompt_limit(info)
+    texts = prompts(info.max_length)
+    full = TextEncoder(exported, limit)
+    checked = [checked_ids(full, tokenizer, text, limit) for text in texts]
+    if limit <= max_tokens:
+        return checked
+    bounded = TextEncoder(exported, max_tokens)
+    return [*checked[:-1], checked_ids(bounded, tokenizer, texts[-1], max_tokens)]
 
 
 def validate(
-    source: Path, exported: Path, info: CheckpointInfo, atol: float, trust_remote_code: bool
+    source: Path,
+    exported: Path,
+    info: CheckpointInfo,
+    tol: Tolerance,
+    max_tokens: int,
+    trust_remote_code: bool,
 ) -> dict[str, Any]:
-    """Compare ONNX logits with PyTorch's at prefill and cached steps; raise above atol."""
+    """Compare ONNX logits with PyTorch's at prefill and cached steps; raise out of tolerance."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     seq2seq = info.task is Task.SEQ2SEQ
     model_class = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     model = model_class.from_pretrained(source, trust_remote_code=trust_remote_code).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    limit = prompt_limit(info)
-    encoder = TextEncoder(exported, limit)
-    ids = [checked_ids(encoder, tokenizer, text, limit) for text in prompts(info.max_length)]
-    report = _Report(atol, [])
+    ids = validated_prompts(exported, tokenizer, info, max_tokens)
+    report = Report(tol)
     graph, encoder_graph = SERVED[info.task]
+    decoder = Graph(exported / graph)
+    decoder.check_presents()
     if seq2seq:
         assert info.generation is not None  # checkpoint.inspect fills it for generative tasks
         start = int(info.generation["decoder_start_token_id"])
-        decoder = _Graph(exported / graph)
-        _seq2seq(_Graph(exported / encoder_graph), decoder, model, start, ids, report)
+        _seq2seq(Graph(exported / encoder_graph), decoder, model, start, ids, report)
     else:
-        _decoder_only(_Graph(exported / graph), model, ids, report)
-    worst = max(case["max_abs_diff"] for case in report.cases)
-    return {"atol": atol, "max_abs_diff": worst, "cases": report.cases}
+        _decoder_only(decoder, model, ids, info.max_length, report)
+    return report.record()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from export import fast_tokenizer
 from sidecar.errors import ExportError
 
 # Copied as they are: the model's own settings, which the torch backend loads with it.
@@ -43,11 +44,8 @@ def copy_model_files(source: Path, out: Path, trust_remote_code: bool) -> None:
         for code in source.glob("*.py"):
             shutil.copy2(code, out / code.name)
     # Saved through transformers, not copied: a checkpoint with only a slow tokenizer gets
-    # the tokenizer.json the sidecar reads, exactly as an ONNX export does.
+    # the tokenizer.json the sidecar reads, exactly as an ONNX export does (or one built here
+    # where transformers has no fast version).
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     tokenizer.save_pretrained(out)
-    if not (out / "tokenizer.json").is_file():
-        raise ExportError(
-            f"{source}: transformers has no fast tokenizer for this checkpoint, and the sidecar "
-            "tokenizes with tokenizer.json"
-        )
+    fast_tokenizer.ensure(source, out, trust_remote_code)

@@ -15,7 +15,7 @@ one table. Messages are written for the caller: what was wrong and how to fix it
     ├── ModelLoadError             a model dir cannot be served         (load time only)
     │   └── ChecksumMismatchError  a file differs from its manifest
     ├── ExportError                a checkpoint cannot be exported      (export time only)
-    │   └── ValidationError        ONNX outputs differ from PyTorch beyond atol
+    │   └── ValidationError        the export is not faithful to its reference
     └── ConfigError                settings that cannot work            (start-up only)
 """
 
@@ -71,7 +71,7 @@ class ExportError(SidecarError):
 
 
 class ValidationError(ExportError):
-    """The exported model's outputs differ from the PyTorch model's beyond the tolerance."""
+    """The export differs from its reference (PyTorch, or itself batched) beyond tolerance."""
 
 
 class ConfigError(SidecarError):

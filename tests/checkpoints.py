@@ -339,3 +339,208 @@ def build_nli(out: Path, seed: int = 0) -> Path:
     """A BertForSequenceClassification with NLI_LABELS: an NLI model, as zero-shot
     classification uses it (premise, "This example is {label}.")."""
     return _build_bert(out, "BertForSequenceClassification", NLI_LABELS, seed)
+
+
+GERMAN = [
+    "Ich wurde diesen Monat zweimal für mein Abonnement belastet.",
+    "Die App stürzt ab, wenn ich die Einstellungen öffne.",
+    "Wie setze ich mein Passwort zurück? Der Link ist abgelaufen.",
+    "Rückerstattung: Bestellung 1234 ist nie angekommen.",
+    "Bitte schließen Sie mein Konto und löschen Sie meine Daten.",
+]
+
+
+def build_marian(out: Path, seed: int = 0) -> Path:
+    """A 2+2-layer, 32-wide MarianMTModel with SentencePiece source and target models and a
+    shared vocab.json, laid out as Helsinki-NLP's opus-mt checkpoints are (no tokenizer.json:
+    transformers has no fast Marian tokenizer)."""
+    import json
+
+    import sentencepiece as spm
+    import torch
+    from transformers import GenerationConfig, MarianConfig, MarianMTModel, MarianTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    # English in, German out, as an en-de model: the shared vocab.json then holds pieces only
+    # the target side has, which the source side must never produce.
+    sides = {"source": CORPUS * 4, "target": GERMAN * 4}
+    for side, lines in sides.items():
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=str(out / side),
+            vocab_size=100,
+            hard_vocab_limit=False,
+            minloglevel=2,
+            model_type="unigram",
+            character_coverage=1.0,
+            # As opus-mt: </s> is id 0 and <unk> id 1; no BOS, and padding lives in vocab.json.
+            eos_id=0,
+            unk_id=1,
+            bos_id=-1,
+            pad_id=-1,
+        )
+        (out / f"{side}.model").rename(out / f"{side}.spm")
+        (out / f"{side}.vocab").unlink()
+    pieces: dict[str, int] = {}
+    for side in ("source", "target"):
+        model = spm.SentencePieceProcessor(model_file=str(out / f"{side}.spm"))
+        for i in range(model.get_piece_size()):
+            pieces.setdefault(model.id_to_piece(i), len(pieces))
+    pieces["<pad>"] = len(pieces)
+    (out / "vocab.json").write_text(json.dumps(pieces, ensure_ascii=False))
+    MarianTokenizer(
+        str(out / "source.spm"),
+        str(out / "target.spm"),
+        str(out / "vocab.json"),
+        model_max_length=128,
+    ).save_pretrained(out)
+    pad = pieces["<pad>"]
+    config = MarianConfig(
+        vocab_size=len(pieces),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        init_std=0.2,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=pad,
+        forced_eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    MarianMTModel(config).eval().save_pretrained(out, safe_serialization=True)
+    # As opus-mt: the padding token (also the decoder's start) is never generated.
+    GenerationConfig(
+        bad_words_ids=[[pad]],
+        decoder_start_token_id=pad,
+        eos_token_id=0,
+        forced_eos_token_id=0,
+        pad_token_id=pad,
+        max_length=40,
+        num_beams=4,
+    ).save_pretrained(out)
+    return out
+
+
+def build_gemma(out: Path, kind: str = "gemma", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide GemmaForCausalLM or Gemma2ForCausalLM (sliding window, soft-capped
+    logits) with a trained byte-level BPE: architectures whose optimum ONNX config has no
+    position_ids input."""
+    import torch
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GemmaConfig,
+        GemmaForCausalLM,
+        GenerationConfig,
+    )
+
+    ids = train_bpe_tokenizer(out, ["<pad>", "<eos>", "<bos>"])
+    tokenizer = _fast_tokenizer(
+        out,
+        eos_token="<eos>",
+        bos_token="<bos>",
+        pad_token="<pad>",
+        unk_token="<eos>",
+        model_max_length=256,
+    )
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    common = {
+        "vocab_size": len(tokenizer),  # type: ignore[arg-type]
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 256,
+        # Wide enough that greedy decoding varies instead of repeating one token (Gemma 2's
+        # extra norms need less).
+        "initializer_range": 0.5 if kind == "gemma" else 0.2,
+        "pad_token_id": ids["<pad>"],
+        "bos_token_id": ids["<bos>"],
+        "eos_token_id": ids["<eos>"],
+    }
+    torch.manual_seed(seed)
+    if kind == "gemma":
+        model: object = GemmaForCausalLM(GemmaConfig(**common))
+    else:
+        config = Gemma2Config(**common, sliding_window=64, query_pre_attn_scalar=16)
+        model = Gemma2ForCausalLM(config)
+    model.eval().save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+    GenerationConfig(
+        bos_token_id=ids["<bos>"],
+        eos_token_id=ids["<eos>"],
+        pad_token_id=ids["<pad>"],
+        max_new_tokens=24,
+    ).save_pretrained(out)
+    return out
+
+
+def build_bare_encoder(out: Path, kind: str, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BertModel, XLMRobertaModel or ModernBertModel without any
+    sentence-transformers files: an encoder that names no pooling."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertModel,
+        ModernBertConfig,
+        ModernBertModel,
+        PreTrainedTokenizerFast,
+        XLMRobertaConfig,
+        XLMRobertaModel,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    torch.manual_seed(seed)
+    if kind == "xlm-roberta":
+        raw = _sentencepiece_like("unigram")
+        PreTrainedTokenizerFast(
+            tokenizer_object=raw,
+            model_max_length=60,
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            cls_token="<s>",
+            sep_token="</s>",
+        ).save_pretrained(out)
+        model: object = XLMRobertaModel(
+            XLMRobertaConfig(
+                vocab_size=raw.get_vocab_size(),  # type: ignore[attr-defined]
+                intermediate_size=64,
+                max_position_embeddings=64,
+                pad_token_id=1,
+                bos_token_id=0,
+                eos_token_id=2,
+                **size,
+            )
+        )
+    elif kind == "modernbert":
+        vocab = train_tokenizer(out)
+        model = ModernBertModel(
+            ModernBertConfig(
+                vocab_size=vocab,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                local_attention=16,
+                pad_token_id=0,
+                cls_token_id=2,
+                sep_token_id=3,
+                bos_token_id=2,
+                eos_token_id=3,
+                **size,
+            )
+        )
+    else:
+        vocab = train_tokenizer(out)
+        model = BertModel(
+            BertConfig(vocab_size=vocab, intermediate_size=64, max_position_embeddings=64, **size)
+        )
+    model.eval().save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+    return out

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from sidecar.config import ModelSettings, Settings
 from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2_grpc, models_pb2_grpc
+from tests import real_models
 from tests.checkpoints import (
     build_bart,
     build_classifier,
@@ -34,6 +37,22 @@ def export_quietly(source: Path | str, out: Path, **options: object) -> Path:
         **options,
     )  # type: ignore[arg-type]
     return out
+
+
+@asynccontextmanager
+async def serving(
+    *models: ModelSettings, **settings: Any
+) -> AsyncIterator[tuple[SidecarServer, grpc.aio.Channel]]:
+    """A real server with these models on a free loopback port, and a channel to it."""
+    defaults: dict[str, Any] = {"metrics_address": "", "intra_op_threads": 1, "grace_period_s": 1.0}
+    server = await SidecarServer.start(
+        Settings(address="127.0.0.1:0", models=models, **{**defaults, **settings})
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield server, channel
+    finally:
+        await server.stop(grace=0)
 
 
 @pytest.fixture(scope="session")
@@ -193,3 +212,15 @@ def cross_encoder_dir(cross_encoder_source: Path, tmp_path_factory: pytest.TempP
 def nli_dir(nli_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The NLI model exported with --backend both: ONNX graph and safetensors weights."""
     return export_quietly(nli_source, tmp_path_factory.mktemp("models") / "nli", backend="both")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct exported from its GGUF file with default settings (cached)."""
+    return real_models.exported("smollm2", real_models.smollm2_gguf(), export_quietly)
+
+
+@pytest.fixture(scope="session")
+def pii_dir() -> Path:
+    """The 4-bit ONNX PII token classifier imported as a pre-exported dir (cached)."""
+    return real_models.exported("pii", real_models.pii_dir(), export_quietly)

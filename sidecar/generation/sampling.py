@@ -41,6 +41,7 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
+    suppressed_token_ids: tuple[int, ...] = ()
 
 
 def _finite(name: str, value: float) -> float:
@@ -91,6 +92,7 @@ def resolve(request: GenerateRequest, defaults: GenerationDefaults) -> SamplingP
         no_repeat_ngram_size=defaults.no_repeat_ngram_size,
         forced_bos_token_id=defaults.forced_bos_token_id,
         forced_eos_token_id=defaults.forced_eos_token_id,
+        suppressed_token_ids=defaults.suppressed_token_ids,
     )
 
 
@@ -122,7 +124,8 @@ class Sampler:
             logits = np.where(np.isnan(logits), np.float32(-np.inf), logits)
         penalised = p.repetition_penalty != 1.0 and len(context) > 0
         early = generated < p.min_new_tokens and bool(p.eos_token_ids)
-        if p.greedy and not (penalised or p.no_repeat_ngram_size or early):
+        banned = p.no_repeat_ngram_size or early or p.suppressed_token_ids
+        if p.greedy and not (penalised or banned):
             return int(np.argmax(logits))  # the common case, once per token: keep it cheap
         # float64, so a tiny temperature or penalty scales scores without overflowing.
         scores = logits.astype(np.float64)
@@ -136,6 +139,8 @@ class Sampler:
             scores[_banned_ngram_tokens(context, p.no_repeat_ngram_size)] = -np.inf
         if early:
             scores[list(p.eos_token_ids)] = -np.inf
+        if p.suppressed_token_ids:
+            scores[list(p.suppressed_token_ids)] = -np.inf
         if p.greedy:
             return int(np.argmax(scores))
         return self._sample(scores)

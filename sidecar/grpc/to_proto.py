@@ -127,6 +127,8 @@ def model_info(status: ModelStatus) -> models_pb2.ModelInfo:
         if manifest.validation is not None:
             info.validation_max_abs_diff = manifest.validation.max_abs_diff
             info.validation_atol = manifest.validation.atol
+            info.validation_rtol = manifest.validation.rtol
+            info.validation_compared = manifest.validation.compared
     return info
 
 

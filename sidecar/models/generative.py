@@ -36,6 +36,11 @@ def special_tokens(model_dir: Path) -> dict[str, str]:
     return found
 
 
+# The long warm-up prompt's length at most: attention costs grow with its square, and half of
+# SmolLM2's 8k context took 35 s to prefill on 2 CPU cores, at every start.
+WARM_UP_MAX_TOKENS = 512
+
+
 class GenerativeModel(LoadedModel):
     """A decoder-only or encoder-decoder model ready for Generate; thread-safe."""
 
@@ -124,7 +129,7 @@ class GenerativeModel(LoadedModel):
     def warm_up(self) -> None:
         """Prefill a short and a long prompt and take a few steps from each."""
         short = self.tokenizer.encode(WARM_UP_TEXT).ids
-        long_ids = (short * self.context)[: self.context // 2]
+        long_ids = (short * self.context)[: min(self.context // 2, WARM_UP_MAX_TOKENS)]
         for ids in (short, long_ids):
             logits, cache = self.decoder.prefill(ids)
             for _ in range(2):

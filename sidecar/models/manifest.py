@@ -18,7 +18,14 @@ MANIFEST = "manifest.json"
 # Bumped only when a reader of the old format would misread the new one.
 # 2: `quantization` may be an object (mode, settings, quality) instead of a string.
 # 3: tasks beyond embed and classify, torch `weights`, dirs without an ONNX graph.
-FORMAT_VERSION = 3
+# 4: an imported graph, validated against itself instead of PyTorch (`validation.compared`
+#    "onnx-self-consistency"), which an older reader would report as compared with PyTorch;
+#    `generation.suppressed_token_ids`, which an older reader would generate.
+FORMAT_VERSION = 4
+# What `validation.compared` says was compared.
+ONNX_VS_PYTORCH = "onnx-vs-pytorch"
+TOKENIZER_ONLY = "tokenizer-only"
+ONNX_SELF_CONSISTENCY = "onnx-self-consistency"
 _CHUNK = 1 << 20
 
 
@@ -54,11 +61,16 @@ class Pooling:
 
 @dataclass(frozen=True)
 class Validation:
-    """The export-time comparison of ONNX outputs with the PyTorch model."""
+    """The export-time comparison of ONNX outputs with their reference."""
 
     atol: float
     max_abs_diff: float
     cases: tuple[dict[str, Any], ...] = ()
+    # ONNX_VS_PYTORCH, TOKENIZER_ONLY (a dir served by PyTorch), or ONNX_SELF_CONSISTENCY (an
+    # imported graph: no PyTorch model to compare with).
+    compared: str = ONNX_VS_PYTORCH
+    # Each value may differ by atol + rtol x |reference|; 0 in dirs from before rtol.
+    rtol: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,9 @@ class GenerationDefaults:
     no_repeat_ngram_size: int = 0
     # EOS is suppressed until this many tokens were generated.
     min_new_tokens: int = 0
+    # Tokens never generated (single-token bad_words_ids and suppress_tokens of the
+    # checkpoint: Marian's padding token, for one).
+    suppressed_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationDefaults:
@@ -103,6 +118,7 @@ class GenerationDefaults:
             forced_eos_token_id=_optional_int(data.get("forced_eos_token_id")),
             no_repeat_ngram_size=int(data.get("no_repeat_ngram_size") or 0),
             min_new_tokens=int(data.get("min_new_tokens") or 0),
+            suppressed_token_ids=tuple(int(i) for i in data.get("suppressed_token_ids") or ()),
         )
 
 
@@ -153,6 +169,10 @@ def format_version(manifest: dict[str, Any]) -> int:
     """The oldest format that holds a manifest (as written): older sidecars still read it."""
     # So sidecars that predate a feature still read dirs that do not use it, and refuse the
     # ones that do with "upgrade the sidecar" instead of misreading them.
+    if (manifest.get("validation") or {}).get("compared") == ONNX_SELF_CONSISTENCY:
+        return 4
+    if (manifest.get("generation") or {}).get("suppressed_token_ids"):
+        return 4
     task = Task(manifest["task"])
     if task not in (Task.EMBED, Task.CLASSIFY) or manifest.get("weights"):
         return 3
@@ -248,6 +268,8 @@ def _parse(model_dir: Path) -> Manifest:
                 atol=float(validation["atol"]),
                 max_abs_diff=float(validation["max_abs_diff"]),
                 cases=tuple(validation.get("cases") or ()),
+                compared=str(validation.get("compared") or ONNX_VS_PYTORCH),
+                rtol=float(validation.get("rtol") or 0.0),
             )
             if validation
             else None

@@ -74,5 +74,13 @@ def preflight(
             f"{model_dir}: zero-shot classification needs an NLI model with an 'entailment' "
             f"label; this one has {list(manifest.labels)}"
         )
+    suppressed = manifest.generation.suppressed_token_ids if manifest.generation else ()
+    table = model_vocab if isinstance(model_vocab, int) else vocab_size
+    outside = sorted(i for i in suppressed if not 0 <= i < table)
+    if outside:
+        raise ModelLoadError(
+            f"{model_dir}: the manifest suppresses tokens {outside}, outside the model's "
+            f"vocabulary of {table}: re-export the model dir"
+        )
     if manifest.task is Task.EMBED and manifest.pooling is None:
         raise ModelLoadError(f"{model_dir}: an embedding model needs pooling in its manifest")

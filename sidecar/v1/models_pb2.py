@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sidecar.v1 import common_pb2 as sidecar_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sidecar/v1/models.proto\x12\nsidecar.v1\x1a\x17sidecar/v1/common.proto\"\x13\n\x11ListModelsRequest\"R\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.sidecar.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"8\n\x10GetModelResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.sidecar.v1.ModelInfo\"\xe6\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x04task\x18\x02 \x01(\x0e\x32\x10.sidecar.v1.Task\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.sidecar.v1.ModelState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x17\n\x0fsource_revision\x18\x07 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nmax_length\x18\n \x01(\x05\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12\x12\n\ndimensions\x18\x0c \x01(\x05\x12\x0f\n\x07pooling\x18\r \x01(\t\x12\x11\n\tnormalize\x18\x0e \x01(\x08\x12\x14\n\x0cquantization\x18\x0f \x01(\t\x12\x1f\n\x17validation_max_abs_diff\x18\x10 \x01(\x01\x12\x17\n\x0fvalidation_atol\x18\x11 \x01(\x01\x12:\n\x0b\x65xported_by\x18\x12 \x03(\x0b\x32%.sidecar.v1.ModelInfo.ExportedByEntry\x1a\x31\n\x0f\x45xportedByEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*s\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x17\n\x13MODEL_STATE_SERVING\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x32\x9c\x01\n\x06Models\x12K\n\nListModels\x12\x1d.sidecar.v1.ListModelsRequest\x1a\x1e.sidecar.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.sidecar.v1.GetModelRequest\x1a\x1c.sidecar.v1.GetModelResponseBd\n\x0e\x64\x65v.sidecar.v1B\x0bModelsProtoP\x01ZCgithub.com/transformers-sidecar/sidecar/gen/go/sidecar/v1;sidecarv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sidecar/v1/models.proto\x12\nsidecar.v1\x1a\x17sidecar/v1/common.proto\"\x13\n\x11ListModelsRequest\"R\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.sidecar.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"8\n\x10GetModelResponse\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.sidecar.v1.ModelInfo\"\x9c\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x04task\x18\x02 \x01(\x0e\x32\x10.sidecar.v1.Task\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.sidecar.v1.ModelState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x17\n\x0fsource_revision\x18\x07 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nmax_length\x18\n \x01(\x05\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12\x12\n\ndimensions\x18\x0c \x01(\x05\x12\x0f\n\x07pooling\x18\r \x01(\t\x12\x11\n\tnormalize\x18\x0e \x01(\x08\x12\x14\n\x0cquantization\x18\x0f \x01(\t\x12\x1f\n\x17validation_max_abs_diff\x18\x10 \x01(\x01\x12\x17\n\x0fvalidation_atol\x18\x11 \x01(\x01\x12:\n\x0b\x65xported_by\x18\x12 \x03(\x0b\x32%.sidecar.v1.ModelInfo.ExportedByEntry\x12\x1b\n\x13validation_compared\x18\x13 \x01(\t\x12\x17\n\x0fvalidation_rtol\x18\x14 \x01(\x01\x1a\x31\n\x0f\x45xportedByEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*s\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x17\n\x13MODEL_STATE_SERVING\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x32\x9c\x01\n\x06Models\x12K\n\nListModels\x12\x1d.sidecar.v1.ListModelsRequest\x1a\x1e.sidecar.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.sidecar.v1.GetModelRequest\x1a\x1c.sidecar.v1.GetModelResponseBd\n\x0e\x64\x65v.sidecar.v1B\x0bModelsProtoP\x01ZCgithub.com/transformers-sidecar/sidecar/gen/go/sidecar/v1;sidecarv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.sidecar.v1B\013ModelsProtoP\001ZCgithub.com/transformers-sidecar/sidecar/gen/go/sidecar/v1;sidecarv1'
   _globals['_MODELINFO_EXPORTEDBYENTRY']._loaded_options = None
   _globals['_MODELINFO_EXPORTEDBYENTRY']._serialized_options = b'8\001'
-  _globals['_MODELSTATE']._serialized_start=750
-  _globals['_MODELSTATE']._serialized_end=865
+  _globals['_MODELSTATE']._serialized_start=804
+  _globals['_MODELSTATE']._serialized_end=919
   _globals['_LISTMODELSREQUEST']._serialized_start=64
   _globals['_LISTMODELSREQUEST']._serialized_end=83
   _globals['_LISTMODELSRESPONSE']._serialized_start=85
@@ -46,9 +46,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELRESPONSE']._serialized_start=203
   _globals['_GETMODELRESPONSE']._serialized_end=259
   _globals['_MODELINFO']._serialized_start=262
-  _globals['_MODELINFO']._serialized_end=748
-  _globals['_MODELINFO_EXPORTEDBYENTRY']._serialized_start=699
-  _globals['_MODELINFO_EXPORTEDBYENTRY']._serialized_end=748
-  _globals['_MODELS']._serialized_start=868
-  _globals['_MODELS']._serialized_end=1024
+  _globals['_MODELINFO']._serialized_end=802
+  _globals['_MODELINFO_EXPORTEDBYENTRY']._serialized_start=753
+  _globals['_MODELINFO_EXPORTEDBYENTRY']._serialized_end=802
+  _globals['_MODELS']._serialized_start=922
+  _globals['_MODELS']._serialized_end=1078
 # @@protoc_insertion_point(module_scope)

@@ -183,6 +183,8 @@ class ModelInfo(_message.Message):
     VALIDATION_MAX_ABS_DIFF_FIELD_NUMBER: _builtins.int
     VALIDATION_ATOL_FIELD_NUMBER: _builtins.int
     EXPORTED_BY_FIELD_NUMBER: _builtins.int
+    VALIDATION_COMPARED_FIELD_NUMBER: _builtins.int
+    VALIDATION_RTOL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name callers put in `model`."""
     task: _common_pb2.Task.ValueType
@@ -212,11 +214,30 @@ class ModelInfo(_message.Message):
     normalize: _builtins.bool
     """Whether Embed normalizes when the request leaves it unset."""
     quantization: _builtins.str
-    """Weight quantization: "none", "int8-dynamic", "fp16"."""
+    """Weight quantization: "none", "int8-dynamic" (sidecar-export --quantize int8),
+    or for an imported graph what its operators show: "int4", "int8", "bnb4",
+    "fp16", joined by "+" when mixed.
+    """
     validation_max_abs_diff: _builtins.float
-    """Largest difference from the PyTorch model measured at export."""
+    """Largest difference measured at export: from the PyTorch model, or for an
+    imported graph between the graph and itself (each input alone and in a padded
+    batch; a language model's cached steps and its whole prompt; see
+    validation_compared).
+    """
     validation_atol: _builtins.float
-    """Tolerance that difference was checked against."""
+    """Absolute part of the tolerance that difference was checked against: each value
+    may differ by validation_atol + validation_rtol x |reference value|.
+    """
+    validation_compared: _builtins.str
+    """What export compared: "onnx-vs-pytorch" (the ONNX graph against the PyTorch
+    model), "tokenizer-only" (a dir served by PyTorch from the checkpoint's own
+    weights), or "onnx-self-consistency" (a pre-exported graph imported without a
+    PyTorch model: checked against its config, tokenizer and itself only).
+    """
+    validation_rtol: _builtins.float
+    """Relative part of the tolerance (see validation_atol); 0 for dirs exported before
+    it existed.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Label names in output order (classification and entity models)."""
@@ -246,10 +267,12 @@ class ModelInfo(_message.Message):
         validation_max_abs_diff: _builtins.float = ...,
         validation_atol: _builtins.float = ...,
         exported_by: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        validation_compared: _builtins.str = ...,
+        validation_rtol: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dimensions", b"dimensions", "error", b"error", "exported_by", b"exported_by", "labels", b"labels", "max_length", b"max_length", "name", b"name", "normalize", b"normalize", "pooling", b"pooling", "quantization", b"quantization", "revision", b"revision", "source", b"source", "source_revision", b"source_revision", "state", b"state", "task", b"task", "validation_atol", b"validation_atol", "validation_max_abs_diff", b"validation_max_abs_diff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "dimensions", b"dimensions", "error", b"error", "exported_by", b"exported_by", "labels", b"labels", "max_length", b"max_length", "name", b"name", "normalize", b"normalize", "pooling", b"pooling", "quantization", b"quantization", "revision", b"revision", "source", b"source", "source_revision", b"source_revision", "state", b"state", "task", b"task", "validation_atol", b"validation_atol", "validation_compared", b"validation_compared", "validation_max_abs_diff", b"validation_max_abs_diff", "validation_rtol", b"validation_rtol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

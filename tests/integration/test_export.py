@@ -80,8 +80,10 @@ def test_outputs_beyond_atol_fail_and_leave_nothing(
     classifier_source: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "strict"
-    with pytest.raises(ValidationError, match=r"differ from PyTorch by .* \(atol 1e-12\)"):
-        export_quietly(classifier_source, out, atol=1e-12)
+    with pytest.raises(
+        ValidationError, match=r"differ from PyTorch by .* \(atol 1e-12, rtol 0e\+00\)"
+    ):
+        export_quietly(classifier_source, out, atol=1e-12, rtol=0.0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -95,10 +97,18 @@ def test_pickle_only_checkpoint_is_refused(classifier_source: Path, tmp_path: Pa
 
 
 def fake_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> str:
-    """Lay a checkpoint out as huggingface_hub caches a download: snapshots/<commit>, refs/main."""
+    """Lay a checkpoint out as huggingface_hub caches a download: each file in blobs/ under its
+    hash, linked from snapshots/<commit>/, and refs/main naming the commit."""
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(checkpoint)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return commit

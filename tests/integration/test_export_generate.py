@@ -65,11 +65,16 @@ def test_gpt2_validation_covers_prefill_and_cached_steps(gpt2_dir: Path) -> None
     validation = json.loads((gpt2_dir / "manifest.json").read_text())["validation"]
     assert validation["compared"] == "onnx-vs-pytorch"
     stages = [case["stage"] for case in validation["cases"]]
-    assert stages == ["prefill", "cached step"] * 3 + ["batched cached step"]
+    assert stages == ["prefill", "cached step"] * 3 + ["batched cached step", "chunked prefill"]
     # The longest prompt leaves exactly one position for the cached step.
     assert max(case["seq_len"] for case in validation["cases"]) == 128
-    assert validation["cases"][-1]["batch"] == 3
+    batched, chunked = validation["cases"][-2:]
+    assert batched["batch"] == 3
+    # The long prompt's second half fed on top of its first half's cache.
+    assert (chunked["seq_len"], chunked["first_position"]) == (127, 63)
     assert 0 < validation["max_abs_diff"] <= validation["atol"] == 1e-4
+    assert 0 < validation["tolerance_used"] <= 1
+    assert validation["next_token"]["top1_agreement"] == 1.0
 
 
 def test_gpt2_manifest_parses(gpt2_dir: Path) -> None:
@@ -195,9 +200,10 @@ def test_torch_backend_needs_safetensors_even_with_allow_pickle(
 
 def test_generation_outputs_beyond_atol_fail(bart_source: Path, tmp_path: Path) -> None:
     with pytest.raises(
-        ValidationError, match=r"ONNX encoder outputs differ from PyTorch by .* \(atol 1e-12\)"
+        ValidationError,
+        match=r"ONNX encoder outputs differ from PyTorch by .* \(atol 1e-12, rtol 0e\+00\)",
     ):
-        export_quietly(bart_source, tmp_path / "strict", atol=1e-12)
+        export_quietly(bart_source, tmp_path / "strict", atol=1e-12, rtol=0.0)
     assert list(tmp_path.iterdir()) == []
 
 

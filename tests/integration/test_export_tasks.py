@@ -114,8 +114,10 @@ def test_int8_is_refused(fixture: str, tmp_path: Path, request: pytest.FixtureRe
 
 
 def test_pair_outputs_beyond_atol_fail(nli_source: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match=r"differ from PyTorch by .* \(atol 1e-12\)"):
-        export_quietly(nli_source, tmp_path / "strict", atol=1e-12)
+    with pytest.raises(
+        ValidationError, match=r"differ from PyTorch by .* \(atol 1e-12, rtol 0e\+00\)"
+    ):
+        export_quietly(nli_source, tmp_path / "strict", atol=1e-12, rtol=0.0)
 
 
 def test_torch_only_export_checks_pair_ids(cross_encoder_source: Path, tmp_path: Path) -> None:

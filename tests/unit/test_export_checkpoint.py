@@ -88,7 +88,7 @@ def test_local_dirs_and_bad_names(tmp_path: Path, classifier_source: Path) -> No
         source.resolve(str(classifier_source), revision="main")
     with pytest.raises(ExportError, match="neither a checkpoint directory nor a Hub id"):
         source.resolve(str(tmp_path / "missing"))
-    with pytest.raises(ExportError, match="holds no safetensors weights"):
+    with pytest.raises(ExportError, match="holds no weights: export a transformers checkpoint"):
         source.check_weights(tmp_path, allow_pickle=False)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     source.check_weights(tmp_path, allow_pickle=True)
@@ -275,9 +275,20 @@ def test_relative_position_models_use_the_tokenizer_limit_or_512(tmp_path: Path)
 def test_generation_defaults_come_from_generation_config(tmp_path: Path) -> None:
     ckpt = write_config(tmp_path / "c", n_positions=128, eos_token_id=9, do_sample=True)
     (ckpt / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [1, 2], "max_new_tokens": 24, "temperature": 0.7})
+        json.dumps(
+            {
+                "eos_token_id": [1, 2],
+                "max_new_tokens": 24,
+                "temperature": 0.7,
+                # Marian's padding token is a bad word; Whisper-style models suppress tokens.
+                "bad_words_ids": [[5], [6, 7]],
+                "suppress_tokens": [3],
+                "num_beams": 4,
+            }
+        )
     )
-    generation = checkpoint.inspect(ckpt, Task.GENERATE).generation
+    info = checkpoint.inspect(ckpt, Task.GENERATE)
+    generation = info.generation
     assert generation == {
         "max_new_tokens": 24,
         # The file wins whole, as in transformers: config.json's do_sample is not merged in.
@@ -294,8 +305,13 @@ def test_generation_defaults_come_from_generation_config(tmp_path: Path) -> None
         "decoder_start_token_id": None,
         "forced_bos_token_id": None,
         "forced_eos_token_id": None,
+        "suppressed_token_ids": [3, 5],
     }
     assert GenerationDefaults.from_json(generation).eos_token_ids == (1, 2)
+    assert GenerationDefaults.from_json(generation).suppressed_token_ids == (3, 5)
+    # What the sidecar cannot honour is said at export.
+    assert any("sequences of more than one token" in note for note in info.notes)
+    assert any("beam search (num_beams 4)" in note for note in info.notes)
 
 
 def test_generation_defaults_fall_back_to_config(tmp_path: Path) -> None:

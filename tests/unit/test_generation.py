@@ -103,6 +103,21 @@ def test_min_new_tokens_and_forced_tokens() -> None:
     assert forced.choose(scores, [0], generated=3) == 6
 
 
+def test_suppressed_tokens_are_never_chosen_as_generate_never_chooses_them() -> None:
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    scores = logits(3)
+    best = int(np.argmax(scores))
+    greedy = Sampler(params(suppressed_token_ids=(best,)))
+    expected = reference_scores([NoBadWordsLogitsProcessor([[best]], eos_token_id=1)], scores, [0])
+    assert greedy.choose(scores, [0], generated=0) == int(np.argmax(expected)) != best
+    top = tuple(int(i) for i in np.argsort(-scores)[:3])
+    sampler = Sampler(params(greedy=False, suppressed_token_ids=top, seed=7))
+    assert not {sampler.choose(scores, [0], generated=0) for _ in range(200)} & set(top)
+    defaults = GenerationDefaults.from_json({"suppressed_token_ids": [best]})
+    assert resolve(GenerateRequest("m", "x"), defaults).suppressed_token_ids == (best,)
+
+
 def test_resolve_fills_defaults_and_refuses_bad_values() -> None:
     defaults = GenerationDefaults(max_new_tokens=40, do_sample=True, temperature=0.9, top_p=0.95)
     filled = resolve(GenerateRequest(model="m", prompt="x"), defaults)

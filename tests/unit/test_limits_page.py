@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from export.compare import DEFAULT_ATOL, DEFAULT_RTOL, VALIDATED_TOKENS
 from sidecar.config import Settings
 from sidecar.dataplane.validation import MAX_CANDIDATE_LABELS
 from sidecar.generation.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from sidecar.models.generative import WARM_UP_MAX_TOKENS
+from sidecar.runtime.onnx_decoder import PREFILL_CHUNK
 from sidecar.tasks.pairs import MAX_TEMPLATE_CHARS
 
 PAGE = (Path(__file__).resolve().parents[2] / "docs" / "limits.md").read_text()
@@ -36,3 +39,11 @@ def test_request_bounds_are_the_servers() -> None:
     assert f"at most {MAX_STOP_SEQUENCES}, each 1 to {MAX_STOP_CHARS} characters" in PAGE
     assert f"1 to {MAX_CANDIDATE_LABELS}, distinct" in PAGE
     assert f"at most {MAX_TEMPLATE_CHARS} characters" in PAGE
+
+
+def test_export_bounds_are_the_exporters() -> None:
+    row = next(line for line in PAGE.splitlines() if line.startswith("| `--atol`"))
+    assert f"`{DEFAULT_ATOL}`, `{DEFAULT_RTOL}`" in row
+    assert f"| `--validate-tokens` | `{VALIDATED_TOKENS}` |" in PAGE
+    assert f"at most `{PREFILL_CHUNK}` tokens per forward pass" in PAGE
+    assert f"prompt of at most `{WARM_UP_MAX_TOKENS}` tokens" in PAGE

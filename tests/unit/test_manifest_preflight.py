@@ -101,6 +101,13 @@ def test_preflight_accepts_a_sound_dir(tmp_path: Path) -> None:
         ),
         (100, 0, (*INPUTS, "pixel_values"), {}, r"needs inputs \['pixel_values'\]"),
         (100, 0, INPUTS, {"labels": []}, "needs labels"),
+        (
+            100,
+            0,
+            (),
+            {"task": "text-generation", "generation": {"suppressed_token_ids": [3, 100]}},
+            r"suppresses tokens \[100\], outside the model's vocabulary of 100",
+        ),
     ],
 )
 def test_preflight_refusals(
