@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from export import weights
 from sidecar.errors import ExportError
 from sidecar.models.manifest import Task
 
@@ -28,7 +29,7 @@ def find(path: Path) -> Path | None:
     no transformers weights; None when the source is no GGUF."""
     if path.is_file():
         return path if path.suffix == SUFFIX else None
-    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+    if not path.is_dir() or weights.has_weights(path):
         return None
     files = sorted(path.glob(f"*{SUFFIX}"))
     if len(files) > 1:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from export import weights
 from sidecar.errors import ExportError
 
 # Where repositories keep graphs, preferred first: the unquantized one when there are several.
@@ -45,10 +46,6 @@ def _inside(relative: str) -> bool:
     return not Path(relative).is_absolute() and bool(parts) and parts[0] != ".."
 
 
-def _has_weights(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-
-
 def graphs(path: Path) -> list[str]:
     """The ONNX graphs in a dir, as paths relative to it."""
     found = {str(p.relative_to(path)) for pattern in _PATTERNS for p in path.glob(pattern)}
@@ -73,7 +70,7 @@ def find_graph(path: Path, chosen: str | None) -> Path | None:
                 f"{listed})"
             )
         return _importable(path, graph)
-    if not found or _has_weights(path):
+    if not found or weights.has_weights(path):
         return None
     if all(Path(name).stem.startswith(_SPLIT) for name in found):
         return _importable(path, path / found[0])  # refused, saying why

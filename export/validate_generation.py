@@ -30,7 +30,7 @@ Cache = dict[str, FloatArray]
 
 SHORT = "Refund not received after 14 days."
 UNICODE = "Café déjà vu — naïve façade, 東京 and emoji 🚀 all in one ticket."
-_PAST = "past_key_values."
+PAST = "past_key_values."
 _PRESENT = "present."
 
 
@@ -78,9 +78,9 @@ class Graph:
     def check_presents(self) -> None:
         """Every past input needs the output that carries it to the next step."""
         missing = [
-            _PRESENT + name.removeprefix(_PAST)
+            _PRESENT + name.removeprefix(PAST)
             for name in self.inputs
-            if name.startswith(_PAST) and _PRESENT + name.removeprefix(_PAST) not in self.outputs
+            if name.startswith(PAST) and _PRESENT + name.removeprefix(PAST) not in self.outputs
         ]
         if missing:
             raise ValidationError(
@@ -97,7 +97,7 @@ class Graph:
         """Zero-length past tensors [batch, heads, 0, head_dim]: a first pass has no cache."""
         past = {}
         for name, shape in self.inputs.items():
-            if not name.startswith(_PAST):
+            if not name.startswith(PAST):
                 continue
             heads, head_dim = shape[1], shape[3]
             if not (isinstance(heads, int) and isinstance(head_dim, int)):
@@ -121,7 +121,7 @@ class Graph:
 def as_past(outputs: dict[str, FloatArray]) -> Cache:
     """present.* outputs renamed as the past_key_values.* inputs of the next pass."""
     return {
-        _PAST + name.removeprefix(_PRESENT): value
+        PAST + name.removeprefix(_PRESENT): value
         for name, value in outputs.items()
         if name.startswith(_PRESENT)
     }
@@ -229,51 +229,51 @@ def _torch_prefill_and_step(
     return token, prefill.logits.numpy(), step.logits.numpy()
 
 
+def feed(
+    ids: list[int], past: Cache, past_length: int = 0, start: int | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """A decoder graph's inputs for one sequence: `ids` on top of a past of past_length
+    tokens, at positions from `start` (by default right after the past)."""
+    first = past_length if start is None else start
+    return {
+        "input_ids": np.asarray([ids], np.int64),
+        "attention_mask": np.ones((1, past_length + len(ids)), np.int64),
+        "position_ids": np.arange(first, first + len(ids), dtype=np.int64)[None],
+        **past,
+    }
+
+
 def _onnx_prefill_and_step(
     graph: Graph, ids: list[int], token: int, start: int
 ) -> tuple[dict[str, FloatArray], dict[str, FloatArray]]:
     """The graph's prefill and cached step outputs, as _torch_prefill_and_step runs them."""
     n = len(ids)
-    prefill = graph.run(
-        {
-            "input_ids": np.asarray([ids], np.int64),
-            "attention_mask": np.ones((1, n), np.int64),
-            "position_ids": np.arange(start, start + n, dtype=np.int64)[None],
-            **graph.empty_past(1),
-        }
-    )
-    step = graph.run(
-        {
-            "input_ids": np.asarray([[token]], np.int64),
-            "attention_mask": np.ones((1, n + 1), np.int64),
-            "position_ids": np.asarray([[start + n]], np.int64),
-            **as_past(prefill),
-        }
-    )
+    prefill = graph.run(feed(ids, graph.empty_past(1), 0, start))
+    step = graph.run(feed([token], as_past(prefill), n, start + n))
     return prefill, step
 
 
 def chunked_prefill(graph: Graph, ids: list[int], split: int) -> FloatArray:
     """The logits of ids[split:], prefilled on top of the cache of ids[:split], as the sidecar
     prefills a long prompt in chunks."""
-    n = len(ids)
-    head = graph.run(
+    head = graph.run(feed(ids[:split], graph.empty_past(1)))
+    return graph.run(feed(ids[split:], as_past(head), split))["logits"]
+
+
+def batched_step(
+    graph: Graph, caches: list[Cache], tokens: list[int], lengths: list[int]
+) -> FloatArray:
+    """One decoding step of several sequences together, their caches left-padded to the
+    longest and masked, as the sidecar batches them."""
+    longest = max(lengths)
+    return graph.run(
         {
-            "input_ids": np.asarray([ids[:split]], np.int64),
-            "attention_mask": np.ones((1, split), np.int64),
-            "position_ids": np.arange(split, dtype=np.int64)[None],
-            **graph.empty_past(1),
+            "input_ids": np.asarray([[t] for t in tokens], np.int64),
+            "attention_mask": left_padded_mask([n + 1 for n in lengths], longest + 1),
+            "position_ids": np.asarray([[n] for n in lengths], np.int64),
+            **batch_caches(caches, longest),
         }
-    )
-    rest = graph.run(
-        {
-            "input_ids": np.asarray([ids[split:]], np.int64),
-            "attention_mask": np.ones((1, n), np.int64),
-            "position_ids": np.arange(split, n, dtype=np.int64)[None],
-            **as_past(head),
-        }
-    )
-    return rest["logits"]
+    )["logits"]
 
 
 def _decoder_only(
@@ -293,15 +293,8 @@ def _decoder_only(
 
     lengths = [len(ids) for ids in prompts]
     longest = max(lengths)
-    batched = graph.run(
-        {
-            "input_ids": np.asarray([[t] for t in tokens], np.int64),
-            "attention_mask": left_padded_mask([n + 1 for n in lengths], longest + 1),
-            "position_ids": np.asarray([[n] for n in lengths], np.int64),
-            **batch_caches(caches, longest),
-        }
-    )
-    report.add("batched cached step", batched["logits"], expected_steps, len(prompts), longest + 1)
+    batched = batched_step(graph, caches, tokens, lengths)
+    report.add("batched cached step", batched, expected_steps, len(prompts), longest + 1)
 
     # Several tokens fed on top of a past: the second half of the long prompt.
     ids = prompts[-1]

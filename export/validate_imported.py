@@ -27,55 +27,48 @@ from sidecar.models.preflight import FEEDABLE_INPUTS, read_config
 from sidecar.runtime.onnx import OnnxBackend
 from sidecar.tasks.tokenization import EncodedBatch, TextEncoder
 
-_PAST = "past_key_values."
 _DECODER_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
 _PER_INPUT = (Task.CLASSIFY, Task.RERANK, Task.ZERO_SHOT)
 # Operators that quantize activations with a range taken from the whole batch.
 _PER_BATCH_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention"})
 
 
-class _Refusal:
-    """Errors that name the imported graph."""
-
-    def __init__(self, graph: str) -> None:
-        self.graph = graph
-
-    def __call__(self, problem: str) -> ValidationError:
-        return ValidationError(f"the imported graph {self.graph} {problem}")
+def _refused(problem: str) -> ValidationError:
+    """An error naming the imported graph (copied into the model dir as model.onnx)."""
+    return ValidationError(f"the imported graph model.onnx {problem}")
 
 
-def _check_inputs(info: CheckpointInfo, facts: GraphFacts, fail: _Refusal) -> None:
+def _check_inputs(info: CheckpointInfo, facts: GraphFacts) -> None:
     inputs = facts.inputs
     if "input_ids" not in inputs:
-        raise fail(f"takes no input_ids (its inputs: {sorted(inputs)})")
+        raise _refused(f"takes no input_ids (its inputs: {sorted(inputs)})")
     if info.task is Task.SEQ2SEQ:
-        raise fail(
+        raise _refused(
             "is a single graph, but an encoder-decoder is served from two: export the model "
             "from its PyTorch checkpoint instead"
         )
     feedable = FEEDABLE_INPUTS
     if info.task is Task.GENERATE:
-        past = [name for name in inputs if name.startswith(_PAST)]
+        past = [name for name in inputs if name.startswith(validate_generation.PAST)]
         if not past:
-            raise fail(
+            raise _refused(
                 "takes no past_key_values inputs, so decoding could not reuse its cache: "
                 "import a graph exported with its past (text-generation-with-past)"
             )
         feedable = _DECODER_INPUTS | set(past)
     unknown = set(inputs) - feedable
     if unknown:
-        raise fail(f"needs inputs {sorted(unknown)} that the sidecar cannot feed")
+        raise _refused(f"needs inputs {sorted(unknown)} that the sidecar cannot feed")
 
 
 def check_structure(
     info: CheckpointInfo, facts: GraphFacts, config: dict[str, Any], vocab: int
 ) -> dict[str, Any]:
     """Inputs, outputs and embedding table against the task, config and tokenizer."""
-    fail = _Refusal("model.onnx")
-    _check_inputs(info, facts, fail)
+    _check_inputs(info, facts)
     outputs = facts.outputs
     if not outputs:
-        raise fail("returns no outputs")
+        raise _refused("returns no outputs")
     wanted = "last_hidden_state" if info.task is Task.EMBED else "logits"
     # The sidecar reads the output by this name, or else the graph's first.
     name = wanted if wanted in outputs else next(iter(outputs))
@@ -83,20 +76,20 @@ def check_structure(
     rank = 2 if info.task in _PER_INPUT else 3
     # A graph may leave shapes undeclared: its self-consistency runs check them then.
     if shape is not None and len(shape) != rank:
-        raise fail(
+        raise _refused(
             f"returns {name} of shape {shape}, where a {info.task.value} model returns "
             f"{wanted} of rank {rank}"
         )
     rows = facts.embedding_rows
     config_vocab = config.get("vocab_size")
     if rows is not None and isinstance(config_vocab, int) and config_vocab != rows:
-        raise fail(
+        raise _refused(
             f"has an embedding table of {rows} tokens but config.json says vocab_size "
             f"{config_vocab}: the config does not belong to this graph"
         )
     table = rows if rows is not None else config_vocab
     if isinstance(table, int) and vocab > table:
-        raise fail(
+        raise _refused(
             f"has an embedding table of {table} tokens but the tokenizer has {vocab}: the "
             "tokenizer does not belong to this graph"
         )
@@ -105,7 +98,7 @@ def check_structure(
     if shape and isinstance(shape[-1], int) and width is not None and shape[-1] != width:
         per = "input" if rank == 2 else "token"
         of = "labels in config.json" if info.labels else "tokens in its vocabulary"
-        raise fail(
+        raise _refused(
             f"returns {shape[-1]} values per {per} but there are {width} {of}: the config "
             "does not belong to this graph"
         )
@@ -178,7 +171,7 @@ class ByServedOutputs(Report):
     value; token vectors, which callers never see, are left out."""
 
     embeddings: bool = False
-    bars: Bars | None = None
+    bars: Bars = field(default_factory=Bars)
     _cosines: list[float] = field(default_factory=list)
     _agree: int = 0
     _compared: int = 0
@@ -225,7 +218,7 @@ class ByServedOutputs(Report):
 
     def record(self) -> dict[str, Any]:
         """The measures, once they clear the bars; ValidationError when one does not."""
-        bars = self.bars or Bars()
+        bars = self.bars
         # max_abs_diff for the record; the bars, not atol and rtol, decided.
         found: dict[str, Any] = {
             "atol": self.tol.atol,
@@ -266,25 +259,6 @@ class ByServedOutputs(Report):
         }
 
 
-def _prefill_feed(graph: Graph, ids: list[int]) -> dict[str, Any]:
-    n = len(ids)
-    return {
-        "input_ids": np.asarray([ids], np.int64),
-        "attention_mask": np.ones((1, n), np.int64),
-        "position_ids": np.arange(n, dtype=np.int64)[None],
-        **graph.empty_past(1),
-    }
-
-
-def _step_feed(token: int, past: int, cache: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "input_ids": np.asarray([[token]], np.int64),
-        "attention_mask": np.ones((1, past + 1), np.int64),
-        "position_ids": np.asarray([[past]], np.int64),
-        **cache,
-    }
-
-
 def _decoder(
     exported: Path, tokenizer: Any, info: CheckpointInfo, report: Report, max_tokens: int
 ) -> tuple[Report, list[str]]:
@@ -296,18 +270,18 @@ def _decoder(
     caches, tokens, single_steps = [], [], []
     for ids in prompts:
         n = len(ids)
-        whole = graph.run(_prefill_feed(graph, ids))
+        whole = graph.run(validate_generation.feed(ids, graph.empty_past(1)))
         if n > 1:  # a one-token prompt (--max-length 2) has no shorter prompt to step from
-            head = graph.run(_prefill_feed(graph, ids[:-1]))
-            step = graph.run(_step_feed(ids[-1], n - 1, validate_generation.as_past(head)))
-            report.add("cached step", step["logits"][:, -1], whole["logits"][:, -1], 1, n)
+            # The last token as a cached step on top of the others.
+            step = validate_generation.chunked_prefill(graph, ids, n - 1)
+            report.add("cached step", step[:, -1], whole["logits"][:, -1], 1, n)
         if ids is prompts[-1] and n // 2:
             # Several tokens on top of a past, as a long prompt is prefilled in chunks.
             rest = validate_generation.chunked_prefill(graph, ids, n // 2)
             report.add("chunked prefill", rest, whole["logits"][:, n // 2 :], 1, n, n // 2)
         token = int(whole["logits"][0, -1].argmax())
         cache = validate_generation.as_past(whole)
-        single_steps.append(graph.run(_step_feed(token, n, cache))["logits"][0])
+        single_steps.append(graph.run(validate_generation.feed([token], cache, n))["logits"][0])
         caches.append(cache)
         tokens.append(token)
     if not graph.takes_positions:
@@ -317,23 +291,12 @@ def _decoder(
             "checked"
         ]
     lengths = [len(ids) for ids in prompts]
-    longest = max(lengths)
-    batched = graph.run(
-        {
-            "input_ids": np.asarray([[t] for t in tokens], np.int64),
-            "attention_mask": validate_generation.left_padded_mask(
-                [n + 1 for n in lengths], longest + 1
-            ),
-            "position_ids": np.asarray([[n] for n in lengths], np.int64),
-            **validate_generation.batch_caches(caches, longest),
-        }
-    )
     report.add(
         "batched cached step",
-        batched["logits"],
+        validate_generation.batched_step(graph, caches, tokens, lengths),
         single_steps,
         len(prompts),
-        longest + 1,
+        max(lengths) + 1,
         reference="each sequence's step alone",
     )
     return report, []
@@ -347,7 +310,7 @@ def validate_graph(
     tol: Tolerance,
     max_tokens: int,
     trust_remote_code: bool,
-    bars: Bars | None = None,
+    bars: Bars = Bars(),  # frozen: one shared default is safe
 ) -> tuple[dict[str, Any], list[str]]:
     """The manifest's validation object for an imported graph, and notes for the user."""
     from transformers import AutoTokenizer

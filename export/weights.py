@@ -13,6 +13,12 @@ from sidecar.errors import ExportError
 _CONFIGS = ("config.json", "generation_config.json")
 
 
+def has_weights(path: Path) -> bool:
+    """Whether a dir holds PyTorch weights (safetensors, or pickles): an export starts from
+    them before any GGUF file or ONNX graph beside them."""
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
 def require_safetensors(path: Path, why: str) -> None:
     """Refuse a torch-served dir for a pickle-only checkpoint, whatever --allow-pickle says."""
     if not any(path.glob("*.safetensors")):

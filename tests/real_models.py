@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from export.pipeline import versions
+from sidecar.models.manifest import sha256_file
 from tools import model_packages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,15 +55,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("SIDECAR_TEST_CACHE") or ROOT / ".cache" / "test-models")
 
 
-def file_digest(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _code_digest() -> str:
     digest = hashlib.sha256()
     for package in _EXPORT_CODE:
@@ -80,14 +72,14 @@ def _key(source: Path, options: dict[str, Any]) -> str:
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     for path in files:
         digest.update(path.name.encode())
-        digest.update(file_digest(path).encode())
+        digest.update(sha256_file(path).encode())
     return digest.hexdigest()[:16]
 
 
 def reference_key(source: Path, options: dict[str, Any]) -> str:
     """The cache key of a reference computed by transformers: the source file, the options
     and the package versions (not this project's code, which the reference does not run)."""
-    digest = hashlib.sha256(file_digest(source).encode())
+    digest = hashlib.sha256(sha256_file(source).encode())
     digest.update(json.dumps(options, sort_keys=True).encode())
     digest.update(json.dumps(versions(), sort_keys=True).encode())
     return digest.hexdigest()[:16]
