@@ -12,7 +12,7 @@ DEFAULT_MODEL := $(MODELS_DIR)/all-minilm-l6-v2
 ADDRESS ?= 127.0.0.1:50051
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help install run export-default export-real proto contract-deps contract-snapshot lint format test bench coldstart soak images clean
+.PHONY: help install run export-default export-real proto contract-deps contract-snapshot lint format test bench coldstart soak soak-mixed images clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -97,6 +97,10 @@ coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from
 SOAK_ARGS ?= --callers 200 --seconds 30
 soak: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## overload a real server and account for every call (SOAK_ARGS=--callers 200 --seconds 30)
 	$(PY) -m tools.soak $(DEFAULT_MODEL) $(SOAK_ARGS)
+
+SOAK_MIXED_ARGS ?= --callers 32 --seconds 30
+soak-mixed: $(STAMP) $(DEFAULT_MODEL)/manifest.json $(MODELS_DIR)/smollm2/manifest.json  ## every kind of call (embed, tokenize, stream, generate, bad input, cancel, 1 ms deadline) against MiniLM and SmolLM2, RSS and fds before and after (SOAK_MIXED_ARGS)
+	$(PY) -m tools.soak $(DEFAULT_MODEL) --mixed --generate-model $(MODELS_DIR)/smollm2 $(SOAK_MIXED_ARGS)
 
 IMAGE ?= transformers-sidecar
 images:  ## build the container images: CPU with the default model, runtime, export, CUDA (needs Docker with BuildKit)

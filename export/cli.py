@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="replace an existing model dir")
     parser.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read files a local checkpoint links to outside its dir (refused by default; "
+        "the Hub cache's own links are always followed)",
+    )
+    parser.add_argument(
         "--backend",
         choices=("auto", "onnx", "torch", "both"),
         default="auto",
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             onnx_file=args.onnx_file,
             int8_min_cosine=args.int8_min_cosine,
             int8_min_agreement=args.int8_min_agreement,
+            follow_symlinks=args.follow_symlinks,
         )
     except KeyboardInterrupt:
         print(f"sidecar-export: interrupted; {args.out} was left as it was", file=sys.stderr)

@@ -20,6 +20,7 @@ from export import (
     imported,
     quality,
     source,
+    swap,
     validate,
     validate_imported,
     weights,
@@ -34,7 +35,8 @@ from export.compare import (
 )
 from export.progress import Progress
 from export.quantize import CHOICES, quantize_int8
-from sidecar.errors import ExportError
+from sidecar.errors import ExportError, ModelLoadError
+from sidecar.model_files import check_contained
 from sidecar.models.manifest import MANIFEST, Task, format_version, sha256_file
 
 # sentence-transformers files kept beside the model for people reading the dir.
@@ -173,6 +175,7 @@ def export_model(
     onnx_file: str | None = None,
     int8_min_cosine: float | None = None,
     int8_min_agreement: float | None = None,
+    follow_symlinks: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint into `out` and return its manifest; a failure leaves `out` untouched."""
@@ -194,17 +197,22 @@ def export_model(
     int8 = quantize == "int8"
     # A GGUF source takes one step more: dequantizing it.
     progress = progress or Progress(5 + int8 + _local_gguf(name_or_path))
-    if out.exists() and not force:
+    recovered = swap.recover(out)
+    if recovered:
+        progress.note(recovered)
+    if (out.exists() or out.is_symlink()) and not force:
         raise ExportError(f"{out} already exists: pass --force to replace it")
     staging = out.with_name(f".{out.name}.partial")
     # A GGUF source is dequantized into a checkpoint here first, removed after.
     dequantized = out.with_name(f".{out.name}.gguf-checkpoint")
-    for work in (staging, dequantized):
-        shutil.rmtree(work, ignore_errors=True)
+    for work in (staging, dequantized):  # what an export killed before its end left
+        swap.remove(work)
     staging.mkdir(parents=True)
     try:
         with progress.step(f"finding checkpoint {name_or_path}"):
-            src = source.resolve(name_or_path, revision, allow_pickle, trust_remote_code, onnx_file)
+            src = source.resolve(
+                name_or_path, revision, allow_pickle, trust_remote_code, onnx_file, follow_symlinks
+            )
             path = src.path
             if src.gguf is None:
                 info = _read(path, task, max_length, pooling, normalize, progress)
@@ -262,19 +270,22 @@ def export_model(
             manifest = _manifest(name or out.name, src, info, built, staging)
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         with progress.step(f"moving the model dir into place at {out}"):
-            # Renames only, so a crash leaves either the old dir or the new one, never neither.
-            previous = out.with_name(f".{out.name}.previous")
-            shutil.rmtree(previous, ignore_errors=True)
-            if out.exists():
-                out.rename(previous)
-            staging.rename(out)
-            shutil.rmtree(previous, ignore_errors=True)
+            contained(staging)
+            swap.install(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(dequantized, ignore_errors=True)
     return manifest
+
+
+def contained(model_dir: Path) -> None:
+    """The dir written is one the server will take: its own files only, no links out."""
+    try:
+        check_contained(model_dir)
+    except ModelLoadError as exc:
+        raise ExportError(f"the export wrote a dir the server would refuse: {exc}") from None
 
 
 def _local_gguf(name_or_path: str) -> bool:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from export import gguf, imported
-from sidecar.errors import ExportError
+from sidecar.errors import ExportError, ModelLoadError
+from sidecar.model_files import links_outside
 from sidecar.models.manifest import sha256_file
 
 # Enough to rebuild the model, its tokenizer and chat templates; never pickles unless asked for.
@@ -56,6 +57,7 @@ def resolve(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     onnx_file: str | None = None,
+    follow_symlinks: bool = False,
 ) -> Source:
     """A local checkpoint dir or GGUF file as is, otherwise a Hub id downloaded (or found in
     the cache). A dir with a pre-exported ONNX graph and no weights (or `onnx_file`) names
@@ -73,6 +75,8 @@ def resolve(
             raise ExportError("--onnx-file imports a graph from a directory, not from a GGUF file")
         return Source(path=local.parent.resolve(), gguf=local.resolve())
     if local.is_dir():
+        if not follow_symlinks:
+            check_links(local)
         source = Source(path=local.resolve())
         graph = imported.find_graph(source.path, onnx_file)
         if graph is not None:
@@ -95,6 +99,23 @@ def resolve(
             return Source(source.path, source.hub_id, source.revision, onnx_graph=graph)
     check_weights(source.path, allow_pickle)
     return source
+
+
+def check_links(checkpoint: Path) -> None:
+    """Refuse a local checkpoint holding links that lead outside it (--follow-symlinks reads
+    them anyway): what a model dir serves should be what its checkpoint dir holds."""
+    root = checkpoint.resolve()
+    # The Hub cache's own layout: snapshots/<revision>/ files are links into ../../blobs/.
+    blobs = root.parent.parent / "blobs"
+    allowed = (blobs,) if root.parent.name == "snapshots" and blobs.is_dir() else ()
+    try:
+        for link, target in links_outside(root, allowed):
+            raise ExportError(
+                f"{link} is a link to {target}, outside the checkpoint {root}: copy the file "
+                "into the checkpoint, or pass --follow-symlinks to read it anyway"
+            )
+    except ModelLoadError as exc:  # a link that loops
+        raise ExportError(str(exc)) from None
 
 
 def _is_commit(revision: str | None) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -39,31 +41,57 @@ def _add_serve(commands: Any) -> None:
             serve.add_argument(flag, dest=item.name, metavar="VALUE", help=help_text)
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT before the event loop took the signals over (a BaseException, so
+    no `except Exception` on the way swallows it)."""
+
+
+def _stop_now(signum: int, frame: object) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
-    settings = load_settings(flags, config_file=args.config)
-    from sidecar.telemetry import logs
+    try:
+        flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
+        settings = load_settings(flags, config_file=args.config)
+        from sidecar.telemetry import logs
 
-    logs.configure(settings.log_level, settings.log_format)
-    from sidecar.grpc.server import serve  # grpc and onnxruntime load only when serving
+        logs.configure(settings.log_level, settings.log_format)
+        from sidecar.grpc.server import serve  # grpc and onnxruntime load only when serving
 
-    asyncio.run(serve(settings))
+        abandoned = asyncio.run(serve(settings))
+    except _Stopped as stopped:
+        log.warning("%s while starting: stopped", stopped)
+        return 0
+    if abandoned:
+        # A model still loading cannot be interrupted, and Python would wait for its thread
+        # at exit (minutes for a large model): leave now, the logs flushed.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sidecar` command."""
-    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_serve(commands)
-    from sidecar import client
-
-    client.add_parser(commands)
-    args = parser.parse_args(argv)
+    serving = (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]
+    if serving:
+        # Until the server's event loop takes them over, a signal ends the start cleanly
+        # (exit 0) instead of killing the process: Kubernetes may stop a pod as it starts.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _stop_now)
     try:
+        parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+        commands = parser.add_subparsers(dest="command", required=True)
+        _add_serve(commands)
+        from sidecar import client
+
+        client.add_parser(commands)
+        args = parser.parse_args(argv)
         if args.command == "serve":
             return _serve(args)
         return int(args.run(args))
+    except _Stopped:  # before logging is set up: nothing to report, nothing was started
+        return 0
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2

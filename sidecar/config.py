@@ -60,6 +60,11 @@ class Settings:
     max_message_bytes: int = _setting(
         16 * 1024 * 1024, "largest request or response message, in bytes"
     )
+    max_metadata_bytes: int = _setting(
+        16 * 1024,
+        "largest request metadata (names + values + 32 per entry), in bytes; past it a call "
+        "is refused with a message, and past 4 times it by gRPC itself",
+    )
     stream_max_in_flight: int = _setting(
         32, "items in flight on one Stream before the server stops reading it"
     )
@@ -272,6 +277,7 @@ def _validate(settings: Settings) -> Settings:
     positive = (
         "max_client_batch_size",
         "max_message_bytes",
+        "max_metadata_bytes",
         "stream_max_in_flight",
         "inference_workers",
         "max_batch_tokens",
@@ -299,6 +305,16 @@ def _validate(settings: Settings) -> Settings:
     if settings.max_message_bytes > 2**31 - 1:
         raise ConfigError(
             f"max_message_bytes {settings.max_message_bytes} is over gRPC's limit of {2**31 - 1}"
+        )
+    if settings.max_metadata_bytes < 1024:
+        raise ConfigError(
+            f"max_metadata_bytes {settings.max_metadata_bytes} is below 1024: every call "
+            "carries a few hundred bytes of metadata (user-agent, deadline, traceparent)"
+        )
+    if settings.max_metadata_bytes * 4 > 2**31 - 1:
+        raise ConfigError(
+            f"max_metadata_bytes {settings.max_metadata_bytes} is over the limit of "
+            f"{(2**31 - 1) // 4} (gRPC holds 4 times it in a C int)"
         )
     if settings.max_connection_age_s * 1000 > 2**31 - 1:
         raise ConfigError(

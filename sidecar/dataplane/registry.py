@@ -43,6 +43,9 @@ def _name_and_manifest(model: ModelSettings) -> tuple[str, Manifest | None, str]
         manifest = read_manifest(model.path)
     except ModelLoadError as exc:
         return model.name or Path(model.path).name, None, str(exc)
+    except Exception as exc:  # any file of a model dir fails that model alone
+        error = f"{model.path} cannot be read ({type(exc).__name__}: {exc})"
+        return model.name or Path(model.path).name, None, error
     return model.name or manifest.name, manifest, ""
 
 
@@ -64,9 +67,17 @@ class ModelRegistry:
                 except ModelLoadError as exc:
                     error = str(exc)
             if name in self._entries:
-                raise ConfigError(
-                    f"two models are named {name!r}: give one another name (name=path)"
+                if model.name or str(model.path) in self._entries:
+                    raise ConfigError(
+                        f"two models are named {name!r}: give one another name (name=path)"
+                    )
+                # The name came from the dir's own manifest: a dir must not be able to stop
+                # the server (or take another model's name) by what it says. It fails alone.
+                error = (
+                    f"{model.path}: its manifest names it {name!r}, the name of another "
+                    "model: serve it under another name (name=path)"
                 )
+                name, manifest = str(model.path), None
             status = ModelStatus(
                 name=name,
                 state=ModelState.FAILED if error else ModelState.LOADING,

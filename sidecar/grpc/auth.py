@@ -23,15 +23,19 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from sidecar.config import Settings, check_transport_security
 from sidecar.errors import ConfigError
+from sidecar.grpc.refusal import refusing
+
+if TYPE_CHECKING:
+    from sidecar.grpc.refusal import Continuation
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +335,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
@@ -356,24 +358,4 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             self._log(method, context.peer(), problem)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await refuse(context)
-
-        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            # Streaming behaviours are async generators (the tracing interceptor iterates
-            # them), so this one is too, though it never yields.
-            await refuse(context)
-            yield  # never reached: abort raises
-
-        behavior: Callable[..., Any] = streaming if handler.response_streaming else unary
-        factory = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(handler.request_streaming, handler.response_streaming)]
-        return factory(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return refusing(handler, refuse)

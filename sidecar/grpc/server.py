@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from sidecar.dataplane.service import DataPlane
 from sidecar.domain import ModelState
 from sidecar.errors import ConfigError
 from sidecar.grpc.auth import BearerTokenInterceptor, TransportSecurity
+from sidecar.grpc.metadata import MetadataLimitInterceptor, core_options
 from sidecar.grpc.servicers import add_servicers
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.observer import Telemetry
@@ -61,8 +63,15 @@ class SidecarServer:
             # Server spans that join the caller's trace (W3C traceparent / baggage metadata).
             # First, so that a call the token check refuses still has its span and status.
             interceptors.append(aio_server_interceptor(tracer_provider=provider))  # type: ignore[no-untyped-call]
+        # Before the token check: metadata past the bound is refused whoever sends it.
+        interceptors.append(MetadataLimitInterceptor(settings.max_metadata_bytes, self._refused))
         if self.security.token is not None:
-            interceptors.append(BearerTokenInterceptor(self.security.token, self._refused))
+            interceptors.append(
+                BearerTokenInterceptor(
+                    self.security.token,
+                    lambda rpc: self._refused(rpc, grpc.StatusCode.UNAUTHENTICATED.name),
+                )
+            )
         self.registry = ModelRegistry(settings, self.telemetry.metrics.model_loaded)
         self._inference_pool = ThreadPoolExecutor(
             settings.inference_workers, thread_name_prefix="inference"
@@ -80,6 +89,7 @@ class SidecarServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
+                *core_options(settings.max_metadata_bytes),
                 # Two sidecars on one port would split traffic silently: fail to bind instead.
                 ("grpc.so_reuseport", 0),
                 # gRPC keeps one connection per client: without an age, replicas added behind
@@ -108,9 +118,9 @@ class SidecarServer:
         self.port = self.metrics_port = self.health_port = 0
         self.ready_seconds = 0.0
 
-    def _refused(self, rpc: str) -> None:
-        """A call the token check refused, counted like any other answered call."""
-        self.telemetry.answered(rpc, "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+    def _refused(self, rpc: str, code: str) -> None:
+        """A call an interceptor refused, counted like any other answered call."""
+        self.telemetry.answered(rpc, "", code, 0.0)
 
     async def _report(self, name: str, state: ModelState) -> None:
         if self._draining:
@@ -145,7 +155,7 @@ class SidecarServer:
                 settings.address,
             )
         if settings.health_address:
-            self._health_server = grpc.aio.server()
+            self._health_server = grpc.aio.server(options=core_options(settings.max_metadata_bytes))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             try:
                 self.health_port = self._health_server.add_insecure_port(settings.health_address)
@@ -161,30 +171,35 @@ class SidecarServer:
                 f"cannot serve metrics on {settings.metrics_address} ({exc}): choose another "
                 "--metrics-address, or an empty one to turn the endpoint off"
             ) from None
-        await self.health.set(LIVENESS, SERVING)
-        for service in ("", INFERENCE, MODELS):
-            await self.health.set(service, NOT_SERVING)
-        for status in self.registry:
-            await self.health.set(model_health_name(status.name), NOT_SERVING)
-        if self._health_server:
-            await self._health_server.start()
-        await self._server.start()
-        log.info(
-            "listening on %s (%s); loading %d model(s)",
-            settings.address,
-            self.security.describe(),
-            len(settings.models),
-        )
         try:
+            await self.health.set(LIVENESS, SERVING)
+            for service in ("", INFERENCE, MODELS):
+                await self.health.set(service, NOT_SERVING)
+            for status in self.registry:
+                await self.health.set(model_health_name(status.name), NOT_SERVING)
+            if self._health_server:
+                await self._health_server.start()
+            await self._server.start()
+            log.info(
+                "listening on %s (%s); loading %d model(s)",
+                settings.address,
+                self.security.describe(),
+                len(settings.models),
+            )
             await self.registry.load_all(self._load_pool, self._report)
             if not self.registry.serving:
                 failed = "; ".join(f"{s.name}: {s.error}" for s in self.registry)
                 raise ConfigError(f"no model could be loaded ({failed})")
+            for service in ("", INFERENCE, MODELS):
+                await self.health.set(service, SERVING)
+        except asyncio.CancelledError:
+            # Stopped while loading: models that already serve may have calls in flight,
+            # which get the grace period as at any SIGTERM.
+            await self.stop()
+            raise
         except BaseException:
             await self.stop(grace=0)
             raise
-        for service in ("", INFERENCE, MODELS):
-            await self.health.set(service, SERVING)
         self.ready_seconds = time.perf_counter() - began
         log.info("SERVING after %.2fs on %s", self.ready_seconds, settings.address)
         return self
@@ -221,14 +236,27 @@ def restrict_socket(address: str) -> None:
         os.chmod(path.removeprefix("//") if path.startswith("///") else path, SOCKET_MODE)
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully."""
-    server = await SidecarServer.start(settings)
+async def serve(settings: Settings) -> bool:
+    """Run until SIGTERM or SIGINT, then drain gracefully. A signal while models load stops
+    the start too; returns True when a model was left loading on its thread."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    starting = asyncio.ensure_future(SidecarServer.start(settings))
+    signalled = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait((starting, signalled), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.warning("shutting down while models are still loading")
+        starting.cancel()  # start() drains what already serves and stops what it started
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped")
+        return True
+    signalled.cancel()
+    server = starting.result()  # a start that failed raises here
     await stopping.wait()
     log.info("shutting down: draining in-flight calls for up to %.1fs", settings.grace_period_s)
     await server.stop()
     log.info("stopped")
+    return False

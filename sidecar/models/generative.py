@@ -5,30 +5,25 @@ Blocking methods run on executor threads; the decode loop itself is the schedule
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from tokenizers import Tokenizer
 
 from sidecar.domain import GenerateRequest
 from sidecar.errors import InvalidInputError, WrongTaskError
 from sidecar.generation.chat import ChatTemplate
 from sidecar.generation.sampling import SamplingParams
 from sidecar.generation.sequence import Prompt, Sequence
+from sidecar.model_files import read_json_object
 from sidecar.models.manifest import GenerationDefaults, Manifest, Task
 from sidecar.models.served import WARM_UP_TEXT, LoadedModel
 from sidecar.runtime.backend import Decoder
-from sidecar.tasks.tokenization import TOKENIZER_FILE, TextEncoder
+from sidecar.tasks.tokenization import TextEncoder, new_tokenizer, read_tokenizer
 
 
 def special_tokens(model_dir: Path) -> dict[str, str]:
     """bos_token, eos_token and the like as strings, for chat templates that print them."""
     found: dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        for key, value in json.loads(path.read_text()).items():
+        for key, value in (read_json_object(model_dir / name) or {}).items():
             if key.endswith("_token") and isinstance(value, dict):
                 value = value.get("content")
             if key.endswith("_token") and isinstance(value, str):
@@ -57,7 +52,7 @@ class GenerativeModel(LoadedModel):
         self.decoder = decoder
         self.chat = chat
         self.defaults = manifest.generation or GenerationDefaults()
-        self.tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
+        self.tokenizer = new_tokenizer(model_dir, read_tokenizer(model_dir))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.seq2seq = manifest.task is Task.SEQ2SEQ

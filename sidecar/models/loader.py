@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sidecar.errors import ModelLoadError
 from sidecar.generation.chat import ChatTemplate
+from sidecar.model_files import check_contained, read_json_object, read_text, relative_name
 from sidecar.models.generative import GenerativeModel, special_tokens
 from sidecar.models.manifest import Manifest, Task, verify_files
 from sidecar.models.preflight import preflight
@@ -73,6 +74,23 @@ def _decoder(
     return TorchSeq2SeqDecoder(model_dir, device, start, dtype)
 
 
+# What transformers' from_pretrained reads beside the weights the manifest names.
+TORCH_JSON_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def check_torch_files(model_dir: Path) -> None:
+    """Bound and check what transformers reads on its own, before it does: the configs, and
+    the shard names in the weights index, which it joins to the dir without checking."""
+    for name in TORCH_JSON_FILES:
+        data = read_json_object(model_dir / name)
+        if name.endswith(".index.json") and data is not None:
+            shards = data.get("weight_map")
+            if not isinstance(shards, dict):
+                raise ModelLoadError(f"{model_dir / name} has no weight_map object")
+            for shard in shards.values():
+                relative_name(shard, "weight_map entry", model_dir / name)
+
+
 def load_model(
     name: str,
     model_dir: Path,
@@ -85,9 +103,13 @@ def load_model(
 ) -> LoadedModel:
     """Load one model dir; raises ModelLoadError (or ConfigError) naming what is wrong."""
     started = time.perf_counter()
+    # Before anything opens a file: ONNX Runtime and transformers read files never named.
+    check_contained(model_dir)
     if verify_checksums:
         verify_files(model_dir, manifest)
     chosen = choose_backend(backend, manifest, model_dir)
+    if chosen == "torch":
+        check_torch_files(model_dir)
     encoder = TextEncoder(model_dir, manifest.max_length)
     model: LoadedModel
     if manifest.task.generative:
@@ -95,7 +117,7 @@ def load_model(
         decoder = _decoder(chosen, model_dir, manifest, device, intra_op_threads, torch_dtype)
         chat = None
         if manifest.chat_template:
-            template = (model_dir / manifest.chat_template).read_text()
+            template = read_text(model_dir / manifest.chat_template)
             chat = ChatTemplate(template, special_tokens(model_dir))
         model = GenerativeModel(name, model_dir, manifest, encoder, decoder, chat)
     else:

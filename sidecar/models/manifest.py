@@ -6,13 +6,21 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from sidecar.errors import ChecksumMismatchError, ModelLoadError
+from sidecar.model_files import (
+    MAX_METADATA_BYTES,
+    absent,
+    inside,
+    parse_json,
+    read_bytes,
+    relative_name,
+    shown,
+)
 
 MANIFEST = "manifest.json"
 # Bumped only when a reader of the old format would misread the new one.
@@ -190,6 +198,12 @@ def _quantization(entry: Any) -> tuple[str, dict[str, Any]]:
     return str(entry["mode"]), dict(entry.get("quality") or {})
 
 
+def previous_dir(model_dir: Path) -> Path:
+    """Where `sidecar-export --force` keeps the old dir while it renames the new one into place
+    (on systems that cannot exchange two dirs in one step)."""
+    return model_dir.with_name(f".{model_dir.name}.previous")
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -211,7 +225,8 @@ def read_manifest(model_dir: Path) -> Manifest:
         return _parse(model_dir)
     except ModelLoadError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except Exception as exc:
+        # Whatever a hostile or damaged file makes the parser raise fails this model alone.
         raise ModelLoadError(
             f"{model_dir / MANIFEST} is malformed ({type(exc).__name__}: {exc}): "
             "re-export the model dir"
@@ -220,17 +235,21 @@ def read_manifest(model_dir: Path) -> Manifest:
 
 def _parse(model_dir: Path) -> Manifest:
     path = model_dir / MANIFEST
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if absent(path):
+        if previous_dir(model_dir).is_dir() and not model_dir.exists():
+            raise ModelLoadError(
+                f"{model_dir} is missing, and {previous_dir(model_dir)} holds the model dir an "
+                "interrupted `sidecar-export --force` was replacing: run that export again "
+                "(it puts the old dir back first), or move the dir back yourself"
+            )
         raise ModelLoadError(
             f"{model_dir} has no {MANIFEST}: it is not a model dir. "
             "Create one with: sidecar-export <checkpoint> <model-dir>"
-        ) from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc}): re-export the model") from None
+        )
+    raw = read_bytes(inside(model_dir, MANIFEST), MAX_METADATA_BYTES)
+    data = parse_json(path, raw)
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object")
     version = _require(data, "format_version", path)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelLoadError(
@@ -247,15 +266,19 @@ def _parse(model_dir: Path) -> Manifest:
     validation = data.get("validation")
     source = _require(data, "source", path)
     quantization, quality = _quantization(data.get("quantization"))
+    files = {
+        relative_name(rel, "files entry", path): str(entry["sha256"])
+        for rel, entry in _require(data, "files", path).items()
+    }
     return Manifest(
-        name=_require(data, "name", path),
+        name=_name(_require(data, "name", path), path),
         task=task,
-        onnx_file=str(_require(data, "onnx_file", path) or ""),
-        files={rel: entry["sha256"] for rel, entry in _require(data, "files", path).items()},
+        onnx_file=_optional_name(_require(data, "onnx_file", path), "onnx_file", path),
+        files=files,
         max_length=int(_require(data, "max_length", path)),
         source=source.get("hub_id") or source.get("path") or "",
         source_revision=source.get("revision"),
-        labels=tuple(data.get("labels") or ()),
+        labels=_strings(data.get("labels"), "labels", path),
         multi_label=bool(data.get("multi_label", False)),
         pooling=Pooling(pooling["mode"], bool(pooling["normalize"])) if pooling else None,
         dimensions=int(data.get("dimensions") or 0),
@@ -275,13 +298,39 @@ def _parse(model_dir: Path) -> Manifest:
             else None
         ),
         digest="sha256:" + hashlib.sha256(raw).hexdigest(),
-        onnx_encoder_file=str(data.get("onnx_encoder_file") or ""),
-        weights=tuple(data.get("weights") or ()),
+        onnx_encoder_file=_optional_name(data.get("onnx_encoder_file"), "onnx_encoder_file", path),
+        weights=tuple(
+            relative_name(w, "weights entry", path)
+            for w in _strings(data.get("weights"), "weights", path)
+        ),
         generation=(
             GenerationDefaults.from_json(data["generation"]) if data.get("generation") else None
         ),
-        chat_template=str(data.get("chat_template") or ""),
+        chat_template=_optional_name(data.get("chat_template"), "chat_template", path),
     )
+
+
+def _name(value: Any, path: Path) -> str:
+    """The model's name callers use: a short line of text."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 256 or "\n" in value:
+        raise ModelLoadError(
+            f"{path}: name {shown(value)} is not a model name (1 to 256 characters, one line)"
+        )
+    return value
+
+
+def _strings(value: Any, key: str, path: Path) -> tuple[str, ...]:
+    """A list of strings from the manifest (absent: empty)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ModelLoadError(f"{path}: {key} must be a list of strings, not {shown(value)}")
+    return tuple(value)
+
+
+def _optional_name(value: Any, entry: str, path: Path) -> str:
+    """A file named by the manifest, or "" for none; only names inside the dir."""
+    return relative_name(value, entry, path) if value else ""
 
 
 def verify_files(model_dir: Path, manifest: Manifest) -> None:

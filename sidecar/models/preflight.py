@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sidecar.errors import ModelLoadError
+from sidecar.model_files import read_json_object
 from sidecar.models.manifest import Manifest, Task
 from sidecar.tasks import pairs
 
@@ -17,11 +17,7 @@ FEEDABLE_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
 def read_config(model_dir: Path) -> dict[str, Any]:
     """The checkpoint's config.json (an empty dict when absent)."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
+    return read_json_object(model_dir / "config.json") or {}
 
 
 def preflight(

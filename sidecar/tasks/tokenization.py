@@ -6,7 +6,6 @@ model sees are exactly those it was exported with.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from tokenizers import Encoding, Tokenizer
 
 from sidecar.domain import Tokens
 from sidecar.errors import InvalidInputError, ModelLoadError
+from sidecar.model_files import MAX_TOKENIZER_BYTES, absent, read_json_object, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -63,20 +63,32 @@ def _special_token(model_dir: Path, tokenizer: Tokenizer, name: str) -> int | No
     """A special token's id as transformers would pick it (name: "pad_token", "unk_token"):
     tokenizer_config, special_tokens_map, then config.json's <name>_id."""
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = model_dir / file
-        if not path.is_file():
-            continue
-        token = json.loads(path.read_text()).get(name)
+        token = (read_json_object(model_dir / file) or {}).get(name)
         if isinstance(token, dict):
             token = token.get("content")
         if isinstance(token, str) and (token_id := tokenizer.token_to_id(token)) is not None:
             return int(token_id)
-    config = model_dir / "config.json"
-    if config.is_file():
-        token_id = json.loads(config.read_text()).get(f"{name}_id")
-        if isinstance(token_id, int):
-            return token_id
-    return None
+    token_id = (read_json_object(model_dir / "config.json") or {}).get(f"{name}_id")
+    return token_id if isinstance(token_id, int) else None
+
+
+def read_tokenizer(model_dir: Path) -> str:
+    """tokenizer.json's text, bounded in size; ModelLoadError naming the file otherwise."""
+    path = model_dir / TOKENIZER_FILE
+    if absent(path):
+        raise ModelLoadError(f"{model_dir} has no {TOKENIZER_FILE}: re-export the model dir")
+    return read_text(path, MAX_TOKENIZER_BYTES)
+
+
+def new_tokenizer(model_dir: Path, text: str) -> Tokenizer:
+    """A tokenizer from tokenizer.json's text, whatever the library refuses named by file."""
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises bare Exception with serde's message
+        raise ModelLoadError(
+            f"{model_dir / TOKENIZER_FILE} is not a tokenizer the tokenizers library can read "
+            f"({exc}): export the model dir again"
+        ) from None
 
 
 def _encoded(encoding: Encoding, truncated: bool, with_offsets: bool) -> EncodedText:
@@ -98,20 +110,18 @@ class TextEncoder:
     """Turns text into padded id arrays for one model; safe to share across threads."""
 
     def __init__(self, model_dir: Path, max_length: int) -> None:
-        path = model_dir / TOKENIZER_FILE
-        if not path.is_file():
-            raise ModelLoadError(f"{model_dir} has no {TOKENIZER_FILE}: re-export the model dir")
+        text = read_tokenizer(model_dir)
         # Two instances, configured once: mutating one while another thread encodes is unsafe.
-        self._full = Tokenizer.from_file(str(path))
+        self._full = new_tokenizer(model_dir, text)
         self._full.no_truncation()
         self._full.no_padding()
-        self._cut = Tokenizer.from_file(str(path))
+        self._cut = new_tokenizer(model_dir, text)
         self._cut.no_padding()
         self._cut.enable_truncation(max_length)
         # Pairs are cut on one side only: rerank keeps the query, zero-shot the hypothesis.
         self._pair_cut: dict[str, Tokenizer] = {}
         for strategy in ("only_first", "only_second"):
-            cut = Tokenizer.from_file(str(path))
+            cut = new_tokenizer(model_dir, text)
             cut.no_padding()
             cut.enable_truncation(max_length, strategy=strategy)
             self._pair_cut[strategy] = cut

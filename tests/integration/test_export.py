@@ -67,13 +67,24 @@ def test_existing_model_dir_needs_force(classifier_source: Path, classifier_dir:
 def test_force_replaces_the_dir_and_leaves_nothing_else(
     classifier_source: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "triage"
-    out.mkdir()
+    """From a checkpoint whose config is a link outside it, followed only when asked."""
+    checkpoint, elsewhere = tmp_path / "checkpoint", tmp_path / "elsewhere"
+    shutil.copytree(classifier_source, checkpoint)
+    elsewhere.mkdir()
+    (checkpoint / "config.json").rename(elsewhere / "config.json")
+    (checkpoint / "config.json").symlink_to(elsewhere / "config.json")
+    models = tmp_path / "models"
+    out = models / "triage"
+    out.mkdir(parents=True)
     (out / "stale.txt").write_text("from an older export")
-    export_quietly(classifier_source, out, force=True)
+    with pytest.raises(ExportError, match=r"config\.json is a link to .* --follow-symlinks"):
+        export_quietly(checkpoint, out, force=True)
+    export_quietly(checkpoint, out, force=True, follow_symlinks=True)
     assert not (out / "stale.txt").exists()
     verify_files(out, read_manifest(out))
-    assert [p.name for p in tmp_path.iterdir()] == ["triage"]
+    assert [p.name for p in models.iterdir()] == ["triage"]
+    assert not (out / "config.json").is_symlink()  # a copy: the dir stands on its own
+    assert (out / "config.json").read_bytes() == (elsewhere / "config.json").read_bytes()
 
 
 def test_outputs_beyond_atol_fail_and_leave_nothing(

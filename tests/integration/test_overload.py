@@ -17,7 +17,20 @@ import pytest
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
 from tests.processes import free_port, start_sidecar, wait_serving
-from tools.soak import EXPECTED, Tally, load, report, rss_mb
+from tools.soak import (
+    EXPECTED,
+    GENERATION_SLOTS,
+    KINDS,
+    Tally,
+    failed,
+    load,
+    mixed,
+    open_fds,
+    report,
+    report_mixed,
+    rss_mb,
+    slots_freed,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +104,46 @@ def test_sigterm_under_load_drains_and_refuses_new_calls(
     assert tally.codes["OK"] > 0
     assert tally.codes["UNAVAILABLE"] > 0  # the calls after SIGTERM
     assert tally.codes["CANCELLED"] <= callers
+
+
+def test_mixed_soak_accounts_for_every_kind_of_call(
+    minilm_dir: Path, gpt2_dir: Path, tmp_path: Path
+) -> None:
+    """`make soak-mixed` in short: embeds, streams, generations, bad inputs, cancels and 1 ms
+    deadlines together; every call ends with a code its kind may end with."""
+    address = f"127.0.0.1:{free_port()}"
+    process = start_sidecar(
+        tmp_path / "serve.log",
+        *("--model", f"embed={minilm_dir}", "--model", f"generate={gpt2_dir}"),
+        *("--address", address, "--metrics-address=", "--max-concurrent-requests", "16"),
+    )
+    try:
+        wait_serving(address, process)
+        before = rss_mb(process.pid), open_fds(process.pid)
+        tallies = asyncio.run(mixed(address, 8, 6, ("embed", "generate")))
+        time.sleep(0.5)
+        print("\n" + report_mixed(tallies, 6, before, (rss_mb(process.pid), open_fds(process.pid))))
+        assert [name for name, tally in tallies.items() if failed(tally)] == []
+        assert set(tallies) == {kind.name for kind in KINDS}
+        main_codes = {
+            "embed": "OK",
+            "tokenize": "OK",
+            "stream": "OK",
+            "generate": "OK",
+            "bad-input": "INVALID_ARGUMENT",
+            "cancelled": "CANCELLED",
+            "1ms-deadline": "DEADLINE_EXCEEDED",
+        }
+        for name, code in main_codes.items():
+            assert tallies[name].codes[code] > 0, (name, tallies[name].codes)
+        # Every cancelled or refused generation gave its slot back.
+        assert asyncio.run(slots_freed(address, "generate", GENERATION_SLOTS)) == []
+        with grpc.insecure_channel(address) as channel:
+            after = inference_pb2_grpc.InferenceStub(channel).Embed(
+                pb.EmbedRequest(model="embed", inputs=["still serving"]), timeout=10
+            )
+        assert after.dimensions == 384
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()

@@ -226,6 +226,35 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     assert process.wait(timeout=10) == 0
 
 
+def test_sigterm_while_models_load_exits_cleanly(
+    smollm2_dir: Path, minilm_dir: Path, tmp_path: Path
+) -> None:
+    """SmolLM2 takes seconds to load and warm up: the signal lands while it does."""
+    log = tmp_path / "serve.log"
+    address = f"127.0.0.1:{free_port()}"
+    process = start_sidecar(
+        log, *("--model", str(smollm2_dir), "--model", str(minilm_dir), "--address", address)
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "loading 2 model(s)" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the server never began loading"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        # Not waiting for the load (about 5 s here) to end: out within 3 s.
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert time.monotonic() - signalled < 3, log.read_text()
+        text = log.read_text()
+        assert "shutting down while models are still loading" in text
+        assert "model smollm2 ready" not in text
+        assert "SERVING after" not in text
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_unix_socket_and_cold_start(minilm_dir: Path, tmp_path: Path) -> None:
     socket_path = tmp_path / "sidecar.sock"
     started = time.monotonic()

@@ -73,6 +73,8 @@ def test_empty_variables_clear_text_settings_only() -> None:
         ({"SIDECAR_MAX_CONCURRENT_REQUESTS": "0"}, "'max_concurrent_requests' must be at least"),
         ({"SIDECAR_MAX_MESSAGE_BYTES": "2147483648"}, "over gRPC's limit of 2147483647"),
         ({"SIDECAR_MAX_CONNECTION_AGE_S": "3000000"}, "over gRPC's limit of 2147483 s"),
+        ({"SIDECAR_MAX_METADATA_BYTES": "512"}, "max_metadata_bytes 512 is below 1024"),
+        ({"SIDECAR_MAX_METADATA_BYTES": "536870912"}, "over the limit of 536870911"),
         (
             {"SIDECAR_MAX_QUEUE_SIZE": "16"},
             "max_queue_size 16 is below max_client_batch_size 64: a full-size call could never",

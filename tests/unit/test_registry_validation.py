@@ -51,7 +51,16 @@ def test_unreadable_dir_is_failed_under_its_dir_name(tmp_path: Path) -> None:
 
 def test_names_must_be_unique_and_default_must_exist(classifier_dir: Path) -> None:
     with pytest.raises(ConfigError, match="two models are named 'triage'"):
-        registry(ModelSettings(path=classifier_dir), ModelSettings(path=classifier_dir))
+        registry(
+            ModelSettings(path=classifier_dir), ModelSettings(path=classifier_dir, name="triage")
+        )
+    # A name only a manifest gave fails that model, listed under its path: a dir cannot stop
+    # the server, or take another model's name, by what its manifest says.
+    twice = registry(ModelSettings(path=classifier_dir), ModelSettings(path=classifier_dir))
+    assert twice.status("triage").state is ModelState.LOADING
+    second = twice.status(str(classifier_dir))
+    assert second.state is ModelState.FAILED
+    assert "its manifest names it 'triage', the name of another model" in second.error
     with pytest.raises(ConfigError, match="default_model 'nope' is not among the models: 'triage'"):
         registry(ModelSettings(path=classifier_dir), default="nope")
     renamed = registry(
