@@ -60,7 +60,11 @@ def install(staging: Path, out: Path) -> None:
     previous = previous_dir(out)
     remove(previous)
     out.rename(previous)
-    staging.rename(out)
+    try:
+        staging.rename(out)
+    except BaseException:  # Ctrl-C or a failed rename: the old dir goes back at once
+        previous.rename(out)
+        raise
     remove(previous)
 
 

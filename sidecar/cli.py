@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,12 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sidecar` command."""
     serving = (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]
-    if serving:
+    previous: dict[int, Any] = {}
+    if serving and threading.current_thread() is threading.main_thread():
         # Until the server's event loop takes them over, a signal ends the start cleanly
         # (exit 0) instead of killing the process: Kubernetes may stop a pod as it starts.
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _stop_now)
+            previous[signum] = signal.signal(signum, _stop_now)
     try:
         parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
         commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        for number, handler in previous.items():  # a caller's own handlers, as they were
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

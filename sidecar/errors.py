@@ -21,6 +21,18 @@ one table. Messages are written for the caller: what was wrong and how to fix it
 
 from __future__ import annotations
 
+import asyncio
+
+# What must propagate: cancellation and interpreter exit. Any other exception, even a
+# BaseException such as a Rust panic in the tokenizers library (pyo3's PanicException),
+# is a fault to report for that call or that model, never a reason to stop serving.
+PROPAGATE: tuple[type[BaseException], ...] = (
+    asyncio.CancelledError,
+    KeyboardInterrupt,
+    SystemExit,
+    GeneratorExit,
+)
+
 
 class SidecarError(Exception):
     """Base of every error the sidecar raises on purpose."""

@@ -105,10 +105,15 @@ def _fast_tokenizer(out: Path, model_max_length: int = 128, **specials: str) -> 
 
 
 def build_gpt2(
-    out: Path, seed: int = 0, context: int = 128, width: int = 32, layers: int = 2
+    out: Path,
+    seed: int = 0,
+    context: int = 128,
+    width: int = 32,
+    layers: int = 2,
+    min_new_tokens: int = 0,
 ) -> Path:
     """A small random GPT2LMHeadModel (2 layers, 32 wide by default) with a trained
-    byte-level BPE and a chat template."""
+    byte-level BPE and a chat template; EOS is not generated before `min_new_tokens`."""
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
@@ -133,7 +138,10 @@ def build_gpt2(
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).eval().save_pretrained(out, safe_serialization=True)
     GenerationConfig(
-        bos_token_id=ids[eos], eos_token_id=ids[eos], max_new_tokens=24
+        bos_token_id=ids[eos],
+        eos_token_id=ids[eos],
+        max_new_tokens=24,
+        **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
     ).save_pretrained(out)
     return out
 

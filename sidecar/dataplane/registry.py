@@ -13,6 +13,7 @@ from pathlib import Path
 from sidecar.config import ModelSettings, Settings
 from sidecar.domain import ModelState, ModelStatus
 from sidecar.errors import (
+    PROPAGATE,
     ConfigError,
     ModelLoadError,
     ModelNotFoundError,
@@ -43,7 +44,9 @@ def _name_and_manifest(model: ModelSettings) -> tuple[str, Manifest | None, str]
         manifest = read_manifest(model.path)
     except ModelLoadError as exc:
         return model.name or Path(model.path).name, None, str(exc)
-    except Exception as exc:  # any file of a model dir fails that model alone
+    except PROPAGATE:
+        raise
+    except BaseException as exc:  # any file of a model dir fails that model alone
         error = f"{model.path} cannot be read ({type(exc).__name__}: {exc})"
         return model.name or Path(model.path).name, None, error
     return model.name or manifest.name, manifest, ""
@@ -58,26 +61,33 @@ class ModelRegistry:
         self._settings = settings
         self._on_loaded = on_loaded  # (name, seconds) once a model serves
         self._entries: dict[str, _Entry] = {}
+        # Names the operator gave (name=path) come first, wherever they stand in the list: a
+        # dir's own manifest can neither take one nor stop the server by colliding with it.
+        given = [m.name for m in settings.models if m.name]
+        for name in given:
+            if given.count(name) > 1:
+                raise ConfigError(
+                    f"two models are named {name!r}: give one another name (name=path)"
+                )
+        failed_reading = False
         for model in settings.models:
             name, manifest, error = _name_and_manifest(model)
+            failed_reading |= manifest is None
             backend = settings.model_backend(model)
             if manifest is not None:
                 try:
                     backend = choose_backend(backend, manifest, model.path)
                 except ModelLoadError as exc:
                     error = str(exc)
-            if name in self._entries:
-                if model.name or str(model.path) in self._entries:
-                    raise ConfigError(
-                        f"two models are named {name!r}: give one another name (name=path)"
-                    )
-                # The name came from the dir's own manifest: a dir must not be able to stop
-                # the server (or take another model's name) by what it says. It fails alone.
-                error = (
-                    f"{model.path}: its manifest names it {name!r}, the name of another "
-                    "model: serve it under another name (name=path)"
+            if not model.name and (name in given or name in self._entries):
+                source = "its manifest names it" if manifest else "its dir is named"
+                error = error or (
+                    f"{model.path}: {source} {name!r}, the name of another model: serve it "
+                    "under another name (name=path)"
                 )
                 name, manifest = str(model.path), None
+                if name in self._entries:
+                    raise ConfigError(f"{model.path} is listed twice: list each model dir once")
             status = ModelStatus(
                 name=name,
                 state=ModelState.FAILED if error else ModelState.LOADING,
@@ -90,8 +100,18 @@ class ModelRegistry:
             self._entries[name] = _Entry(model, status)
         self.default_name = settings.default_model or next(iter(self._entries))
         if self.default_name not in self._entries:
-            raise ConfigError(
-                f"default_model {self.default_name!r} is not among the models: {self.names_text()}"
+            if not failed_reading:
+                raise ConfigError(
+                    f"default_model {self.default_name!r} is not among the models: "
+                    f"{self.names_text()}"
+                )
+            # It may be the dir that could not be read: the others serve, and calls for the
+            # default get NOT_FOUND naming the models there are.
+            log.error(
+                "default_model %r is none of the models (%s): a dir that could not be read may "
+                "be it",
+                self.default_name,
+                self.names_text(),
             )
 
     def names_text(self) -> str:
@@ -132,7 +152,9 @@ class ModelRegistry:
         except SidecarError as exc:
             log.error("model %s refused: %s", entry.status.name, exc)
             entry.status.state, entry.status.error = ModelState.FAILED, str(exc)
-        except Exception as exc:
+        except PROPAGATE:
+            raise
+        except BaseException as exc:
             # ONNX Runtime and tokenizers raise their own errors (a corrupt graph, CUDA out of
             # memory in warm-up): they fail this model, never the server or the other models.
             log.exception("model %s failed to load", entry.status.name)
@@ -152,6 +174,12 @@ class ModelRegistry:
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name or self.default_name)
+        if entry is None and not name:
+            raise ModelNotFoundError(
+                f"no model named {self.default_name!r} (default_model) is served; its dir may "
+                f"be one that could not be read. This sidecar serves {self.names_text()}: name "
+                "one in `model`"
+            )
         if entry is None:
             raise ModelNotFoundError(
                 f"no model named {name!r}; this sidecar serves {self.names_text()} "

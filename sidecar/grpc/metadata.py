@@ -28,7 +28,10 @@ def metadata_size(metadata: Sequence[tuple[str, str | bytes]] | None) -> int:
     """The call's metadata as HTTP/2 counts it (core also counts the pseudo-headers)."""
     total = 0
     for key, value in metadata or ():
-        size = len(value) if isinstance(value, bytes) else len(value.encode("utf-8", "replace"))
+        if isinstance(value, bytes):  # a -bin entry: base64 on the wire
+            size = 4 * -(-len(value) // 3)
+        else:
+            size = len(value.encode("utf-8", "replace"))
         total += len(key) + size + ENTRY_OVERHEAD
     return total
 

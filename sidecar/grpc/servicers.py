@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -11,6 +10,7 @@ from typing import Any
 import grpc
 
 from sidecar.dataplane.service import DataPlane
+from sidecar.errors import PROPAGATE
 from sidecar.grpc import to_domain, to_proto
 from sidecar.grpc.status import fail, translates_errors
 from sidecar.grpc.stream import run_stream
@@ -86,10 +86,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         yield to_proto.generate(chunk)
         except grpc.aio.AbortError:
             raise
-        except asyncio.CancelledError:
+        except PROPAGATE:
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:
+        except BaseException as exc:  # a tokenizer's Rust panic is a BaseException
             code = fail(context, exc)
         finally:
             self.telemetry.answered("Generate", model, code.name, time.perf_counter() - began)
@@ -113,7 +113,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     yield response
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
+        except PROPAGATE:
+            raise
+        except BaseException as exc:
             fail(context, exc)
 
 

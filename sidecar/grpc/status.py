@@ -99,7 +99,10 @@ def translates_errors(handler: F) -> F:
         except grpc.aio.AbortError:  # a handler that aborted by itself: its code is not known
             code = grpc.StatusCode.UNKNOWN
             raise
-        except Exception as exc:
+        except errors.PROPAGATE:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException as exc:
             code = fail(context, exc)
             return None
         finally:

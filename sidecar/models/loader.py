@@ -111,6 +111,7 @@ def load_model(
     if chosen == "torch":
         check_torch_files(model_dir)
     encoder = TextEncoder(model_dir, manifest.max_length)
+    encoder.check_encodes(pairs=manifest.task in (Task.RERANK, Task.ZERO_SHOT))
     model: LoadedModel
     if manifest.task.generative:
         preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, ())

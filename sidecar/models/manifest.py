@@ -265,6 +265,8 @@ def _parse(model_dir: Path) -> Manifest:
     pooling = data.get("pooling")
     validation = data.get("validation")
     source = _require(data, "source", path)
+    if not isinstance(source, dict):
+        raise ModelLoadError(f"{path}: source must be an object, not {shown(source)}")
     quantization, quality = _quantization(data.get("quantization"))
     files = {
         relative_name(rel, "files entry", path): str(entry["sha256"])
@@ -275,23 +277,32 @@ def _parse(model_dir: Path) -> Manifest:
         task=task,
         onnx_file=_optional_name(_require(data, "onnx_file", path), "onnx_file", path),
         files=files,
-        max_length=int(_require(data, "max_length", path)),
-        source=source.get("hub_id") or source.get("path") or "",
-        source_revision=source.get("revision"),
+        max_length=_count(_require(data, "max_length", path), "max_length", path),
+        source=_text(source.get("hub_id"), "source.hub_id", path)
+        or _text(source.get("path"), "source.path", path),
+        source_revision=_text(source.get("revision"), "source.revision", path) or None,
         labels=_strings(data.get("labels"), "labels", path),
         multi_label=bool(data.get("multi_label", False)),
-        pooling=Pooling(pooling["mode"], bool(pooling["normalize"])) if pooling else None,
-        dimensions=int(data.get("dimensions") or 0),
+        pooling=(
+            Pooling(_text(pooling["mode"], "pooling.mode", path), bool(pooling["normalize"]))
+            if pooling
+            else None
+        ),
+        dimensions=_count(data.get("dimensions") or 0, "dimensions", path),
         quantization=quantization,
         quantization_quality=quality,
-        opset=int(data.get("opset") or 0),
-        exported_by=dict(data.get("exported_by") or {}),
+        opset=_count(data.get("opset") or 0, "opset", path),
+        exported_by={
+            _text(k, "exported_by", path): _text(v, f"exported_by.{k}", path)
+            for k, v in dict(data.get("exported_by") or {}).items()
+        },
         validation=(
             Validation(
                 atol=float(validation["atol"]),
                 max_abs_diff=float(validation["max_abs_diff"]),
                 cases=tuple(validation.get("cases") or ()),
-                compared=str(validation.get("compared") or ONNX_VS_PYTORCH),
+                compared=_text(validation.get("compared"), "validation.compared", path)
+                or ONNX_VS_PYTORCH,
                 rtol=float(validation.get("rtol") or 0.0),
             )
             if validation
@@ -315,6 +326,24 @@ def _name(value: Any, path: Path) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > 256 or "\n" in value:
         raise ModelLoadError(
             f"{path}: name {shown(value)} is not a model name (1 to 256 characters, one line)"
+        )
+    return value
+
+
+def _text(value: Any, key: str, path: Path) -> str:
+    """An optional string of the manifest ("" when absent)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ModelLoadError(f"{path}: {key} must be a string, not {shown(value)}")
+    return value
+
+
+def _count(value: Any, key: str, path: Path) -> int:
+    """A non-negative count of the manifest that fits the contract's int32 fields."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise ModelLoadError(
+            f"{path}: {key} must be a whole number from 0 to 2**31 - 1, not {shown(value)}"
         )
     return value
 

@@ -15,7 +15,7 @@ import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
 from sidecar.domain import Tokens
-from sidecar.errors import InvalidInputError, ModelLoadError
+from sidecar.errors import PROPAGATE, InvalidInputError, ModelLoadError
 from sidecar.model_files import MAX_TOKENIZER_BYTES, absent, read_json_object, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -84,7 +84,9 @@ def new_tokenizer(model_dir: Path, text: str) -> Tokenizer:
     """A tokenizer from tokenizer.json's text, whatever the library refuses named by file."""
     try:
         return Tokenizer.from_str(text)
-    except Exception as exc:  # tokenizers raises bare Exception with serde's message
+    except PROPAGATE:
+        raise
+    except BaseException as exc:  # bare Exception with serde's message, or a Rust panic
         raise ModelLoadError(
             f"{model_dir / TOKENIZER_FILE} is not a tokenizer the tokenizers library can read "
             f"({exc}): export the model dir again"
@@ -133,6 +135,24 @@ class TextEncoder:
         self.max_length = max_length
         self.vocab_size = self._full.get_vocab_size(with_added_tokens=True)
         self.pad_id = _special_token(model_dir, self._full, "pad_token")
+        self._path = model_dir / TOKENIZER_FILE
+
+    def check_encodes(self, pairs: bool) -> None:
+        """Encode a text (and a pair, for pair tasks) with every instance, so a tokenizer
+        whose templates are broken (the library panics) fails at load, not at each call."""
+        tokenizers = [self._full, self._cut, *(self._pair_cut.values() if pairs else ())]
+        try:
+            for tokenizer in tokenizers:
+                tokenizer.encode("A probe text.")
+                if pairs:
+                    tokenizer.encode("A probe text.", "And its pair.")
+        except PROPAGATE:
+            raise
+        except BaseException as exc:
+            raise ModelLoadError(
+                f"{self._path} cannot encode text ({type(exc).__name__}: {exc}): its "
+                "post-processor or templates are broken; export the model dir again"
+            ) from None
 
     def _encode(self, texts: Sequence[str], truncate: bool) -> tuple[list[Encoding], list[bool]]:
         encodings: list[Encoding] = self._full.encode_batch(list(texts))

@@ -29,8 +29,16 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def long_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wider GPT-2 with a 1024-token context: slow enough per step to cancel mid-way."""
-    source = build_gpt2(tmp_path_factory.mktemp("ckpt") / "long", context=1024, width=256, layers=4)
+    """A wider GPT-2 with a 1024-token context: slow enough per step to cancel mid-way. Its
+    greedy reply to "hi" reaches EOS after 165 tokens, within 0.3 s on a quiet machine, so
+    EOS is held back: a long generation here ends by its limit, a cancel or a deadline."""
+    source = build_gpt2(
+        tmp_path_factory.mktemp("ckpt") / "long",
+        context=1024,
+        width=256,
+        layers=4,
+        min_new_tokens=1000,
+    )
     # Its logits run large (wide random init), so float error scales with them.
     out = tmp_path_factory.mktemp("models") / "long"
     return export_quietly(source, out, name="long", atol=1e-3)

@@ -107,6 +107,19 @@ def absolute_weights(model_dir: Path, elsewhere: Path) -> None:
     rewrite(model_dir, lambda m: m.update(weights=["/etc/passwd"]))
 
 
+def panicking_tokenizer(model_dir: Path, elsewhere: Path) -> None:
+    """Parses, then panics in Rust on the first encode (a BaseException in Python)."""
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    del tokenizer["post_processor"]["special_tokens"]["[SEP]"]
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    rehash(model_dir)
+
+
+def wrong_types(model_dir: Path, elsewhere: Path) -> None:
+    """Values ListModels would fail to write, for every model, if they were served."""
+    rewrite(model_dir, lambda m: m.update(exported_by={"torch": 2}))
+
+
 def nested_manifest(model_dir: Path, elsewhere: Path) -> None:
     (model_dir / MANIFEST).write_text(nested(100_000))
 
@@ -152,6 +165,8 @@ DAMAGES: dict[str, tuple[Damage, str]] = {
     "looping-link": (looping_link, "loop is a link that cannot be followed"),
     "listed-name": (listed_name, "name ['triage'] is not a model name"),
     "absolute-weights": (absolute_weights, "weights entry '/etc/passwd' is not a name inside"),
+    "panicking-tokenizer": (panicking_tokenizer, "tokenizer.json cannot encode text"),
+    "wrong-types": (wrong_types, "exported_by.torch must be a string, not 2"),
     "linked-manifest": (linked_manifest, "manifest.json is a link to"),
     "pipe-manifest": (pipe_manifest, "manifest.json is not a regular file"),
     "nested-manifest": (nested_manifest, "manifest.json is nested deeper than"),
@@ -189,6 +204,14 @@ def linked_inside(classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
+def name_thief(classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_dir = tmp_path_factory.mktemp("thief") / "thief"
+    shutil.copytree(classifier_dir, model_dir)
+    rewrite(model_dir, lambda m: m.update(name="current"))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
 def linked_dir(classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model dir that is itself a link (`models/current -> v3`)."""
     root = tmp_path_factory.mktemp("linked")
@@ -199,9 +222,15 @@ def linked_dir(classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 async def channel(
-    damaged_dirs: dict[str, Path], linked_inside: Path, linked_dir: Path, multilabel_dir: Path
+    damaged_dirs: dict[str, Path],
+    linked_inside: Path,
+    linked_dir: Path,
+    multilabel_dir: Path,
+    name_thief: Path,
 ) -> AsyncIterator[grpc.aio.Channel]:
-    models = [ModelSettings(path=path, name=name) for name, path in damaged_dirs.items()]
+    # First in the list and unnamed, its manifest claims the name of a model named below.
+    models = [ModelSettings(path=name_thief)]
+    models += [ModelSettings(path=path, name=name) for name, path in damaged_dirs.items()]
     models += [
         ModelSettings(path=linked_inside, name="configmap"),
         ModelSettings(path=linked_dir, name="current"),
@@ -233,6 +262,19 @@ async def test_the_good_models_serve_beside_them(channel: grpc.aio.Channel) -> N
     for name in ("moderation", "configmap", "current"):
         answer = await inference.Classify(pb.ClassifyRequest(model=name, inputs=["x"]), timeout=10)
         assert answer.results[0].labels, name
+
+
+async def test_a_manifest_cannot_take_a_name_the_operator_gave(
+    channel: grpc.aio.Channel, name_thief: Path
+) -> None:
+    models = models_pb2_grpc.ModelsStub(channel)
+    listing = await models.ListModels(models_pb2.ListModelsRequest(), timeout=10)
+    states = {m.name: m for m in listing.models}  # every model listed, the damaged ones too
+    assert len(states) == len(DAMAGES) + 4
+    thief = states[str(name_thief)]
+    assert thief.state == models_pb2.MODEL_STATE_FAILED
+    assert "its manifest names it 'current', the name of another model" in thief.error
+    assert states["current"].state == models_pb2.MODEL_STATE_SERVING
 
 
 def test_the_weights_index_may_name_only_shards_inside(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ from tests.processes import free_port, start_sidecar, wait_serving
 from tools.soak import (
     EXPECTED,
     GENERATION_SLOTS,
-    KINDS,
     Tally,
     failed,
     load,
@@ -122,9 +121,10 @@ def test_mixed_soak_accounts_for_every_kind_of_call(
         before = rss_mb(process.pid), open_fds(process.pid)
         tallies = asyncio.run(mixed(address, 8, 6, ("embed", "generate")))
         time.sleep(0.5)
-        print("\n" + report_mixed(tallies, 6, before, (rss_mb(process.pid), open_fds(process.pid))))
+        after = rss_mb(process.pid), open_fds(process.pid)
+        print("\n" + report_mixed(tallies, 6, before, after))
+        assert after[1] <= before[1] + 4  # the callers' sockets and streams were let go
         assert [name for name, tally in tallies.items() if failed(tally)] == []
-        assert set(tallies) == {kind.name for kind in KINDS}
         main_codes = {
             "embed": "OK",
             "tokenize": "OK",
@@ -139,10 +139,10 @@ def test_mixed_soak_accounts_for_every_kind_of_call(
         # Every cancelled or refused generation gave its slot back.
         assert asyncio.run(slots_freed(address, "generate", GENERATION_SLOTS)) == []
         with grpc.insecure_channel(address) as channel:
-            after = inference_pb2_grpc.InferenceStub(channel).Embed(
+            answer = inference_pb2_grpc.InferenceStub(channel).Embed(
                 pb.EmbedRequest(model="embed", inputs=["still serving"]), timeout=10
             )
-        assert after.dimensions == 384
+        assert answer.dimensions == 384
     finally:
         if process.poll() is None:
             process.kill()

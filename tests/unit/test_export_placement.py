@@ -76,8 +76,9 @@ def install_killed_after_first_rename(staging: Path, out: Path, mode: str) -> in
     return done.returncode
 
 
-def test_replacing_a_dir_leaves_it_present_at_every_instant(tmp_path: Path) -> None:
-    """One exchange, no rename of OUT: a kill at any point leaves the old dir or the new one."""
+def test_replacing_a_dir_never_renames_it_away(tmp_path: Path) -> None:
+    """One exchange and no rename of OUT (the old code's kill point): OUT is the old dir or
+    the new one at every instant."""
     if not swap._exchange(model_dir(tmp_path / "a", "a"), model_dir(tmp_path / "b", "b")):
         pytest.skip("this filesystem cannot exchange two dirs (the two-rename path is tested)")
     out = model_dir(tmp_path / "out", "old")

@@ -49,18 +49,37 @@ def test_unreadable_dir_is_failed_under_its_dir_name(tmp_path: Path) -> None:
         reg.resolve("other")
 
 
-def test_names_must_be_unique_and_default_must_exist(classifier_dir: Path) -> None:
+def test_names_must_be_unique_and_default_must_exist(classifier_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="two models are named 'triage'"):
         registry(
-            ModelSettings(path=classifier_dir), ModelSettings(path=classifier_dir, name="triage")
+            ModelSettings(path=classifier_dir, name="triage"),
+            ModelSettings(path=tmp_path, name="triage"),
         )
-    # A name only a manifest gave fails that model, listed under its path: a dir cannot stop
-    # the server, or take another model's name, by what its manifest says.
+    # A name only a dir's manifest gave cannot take a name the operator gave, before or after
+    # it in the list, nor stop the server: that dir fails, listed under its path.
+    for models in (
+        (ModelSettings(path=classifier_dir), ModelSettings(path=tmp_path, name="triage")),
+        (ModelSettings(path=tmp_path, name="triage"), ModelSettings(path=classifier_dir)),
+    ):
+        reg = registry(*models)
+        assert reg.status("triage").error.endswith(
+            "has no manifest.json: it is not a model dir. "
+            "Create one with: sidecar-export <checkpoint> <model-dir>"
+        )
+        taken = reg.status(str(classifier_dir))
+        assert taken.state is ModelState.FAILED
+        assert "its manifest names it 'triage', the name of another model" in taken.error
     twice = registry(ModelSettings(path=classifier_dir), ModelSettings(path=classifier_dir))
     assert twice.status("triage").state is ModelState.LOADING
-    second = twice.status(str(classifier_dir))
-    assert second.state is ModelState.FAILED
-    assert "its manifest names it 'triage', the name of another model" in second.error
+    assert twice.status(str(classifier_dir)).state is ModelState.FAILED
+    # A dir that cannot be read keeps its own reason, even when its dir name is taken.
+    ghost = tmp_path / "ghost"
+    reg = registry(ModelSettings(path=classifier_dir, name="ghost"), ModelSettings(path=ghost))
+    assert "has no manifest.json" in reg.status(str(ghost)).error
+    # default_model may be the dir that could not be read: the rest still serve.
+    reg = registry(ModelSettings(path=classifier_dir), ModelSettings(path=ghost), default="pii")
+    with pytest.raises(ModelNotFoundError, match="no model named 'pii'"):
+        reg.resolve("")
     with pytest.raises(ConfigError, match="default_model 'nope' is not among the models: 'triage'"):
         registry(ModelSettings(path=classifier_dir), default="nope")
     renamed = registry(
