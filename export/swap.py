@@ -51,7 +51,7 @@ def remove(path: Path) -> None:
 def install(staging: Path, out: Path) -> None:
     """Move the finished `staging` dir to `out`, replacing whatever was there (OUT may be a
     link, `models/current -> v3`: the link is replaced, v3 is kept)."""
-    if not out.exists() and not out.is_symlink():
+    if not _present(out):
         staging.rename(out)
         return
     if _exchange(staging, out):
@@ -59,13 +59,18 @@ def install(staging: Path, out: Path) -> None:
         return
     previous = previous_dir(out)
     remove(previous)
-    out.rename(previous)
     try:
+        out.rename(previous)
         staging.rename(out)
     except BaseException:  # Ctrl-C or a failed rename: the old dir goes back at once
-        previous.rename(out)
+        if _present(previous) and not _present(out):
+            previous.rename(out)
         raise
     remove(previous)
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def recover(out: Path) -> str:
@@ -74,9 +79,9 @@ def recover(out: Path) -> str:
     Returns what was done ("" when nothing was stranded) for the progress log.
     """
     previous = previous_dir(out)
-    if not previous.exists() and not previous.is_symlink():
+    if not _present(previous):
         return ""
-    if out.exists() or out.is_symlink():  # the new dir made it into place: only leftover
+    if _present(out):  # the new dir made it into place: the old one is only leftover
         remove(previous)
         return f"removed {previous}, left by an interrupted export"
     previous.rename(out)

@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sidecar` command."""
     serving = (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]
     previous: dict[int, Any] = {}
-    if serving and threading.current_thread() is threading.main_thread():
-        # Until the server's event loop takes them over, a signal ends the start cleanly
-        # (exit 0) instead of killing the process: Kubernetes may stop a pod as it starts.
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, _stop_now)
     try:
+        if serving and threading.current_thread() is threading.main_thread():
+            # Until the server's event loop takes them over, a signal ends the start cleanly
+            # (exit 0) instead of killing the process: Kubernetes may stop a pod as it starts.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, _stop_now)
         parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
         commands = parser.add_subparsers(dest="command", required=True)
         _add_serve(commands)
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         for number, handler in previous.items():  # a caller's own handlers, as they were
-            signal.signal(number, handler)
+            if handler is not None:  # None: one not set from Python, left as it is
+                signal.signal(number, handler)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
 from tools.coldstart import free_port, wait_serving
 
+# Seconds a well-behaved caller waits before trying again (docs/limits.md): a little after
+# a full server's refusal; longer from one that is stopping, or after a call gRPC cancelled
+# in the instant the server stopped (retried like UNAVAILABLE).
+BACK_OFF = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 0.01,
+    grpc.StatusCode.UNAVAILABLE: 0.05,
+    grpc.StatusCode.CANCELLED: 0.05,
+}
 # What an overloaded server may answer; anything else is a defect.
 EXPECTED = frozenset(
     {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -103,8 +111,8 @@ async def account(
         code, details = grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"
     if code not in allowed:
         tally.unexpected.append(f"{code.name}: {details}")
-    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        await asyncio.sleep(0.01)  # a refused caller backs off, as told
+    elif code in BACK_OFF:
+        await asyncio.sleep(BACK_OFF[code])  # a refused caller backs off, as told
     if time.monotonic() - began > overdue_s:
         tally.overdue += 1
     tally.codes[code.name] += 1

@@ -72,7 +72,7 @@ class ModelRegistry:
         failed_reading = False
         for model in settings.models:
             name, manifest, error = _name_and_manifest(model)
-            failed_reading |= manifest is None
+            failed_reading |= manifest is None and not model.name  # unnamed: it may be it
             backend = settings.model_backend(model)
             if manifest is not None:
                 try:
@@ -86,8 +86,11 @@ class ModelRegistry:
                     "under another name (name=path)"
                 )
                 name, manifest = str(model.path), None
-                if name in self._entries:
-                    raise ConfigError(f"{model.path} is listed twice: list each model dir once")
+            if name in self._entries or (not model.name and name in given):
+                raise ConfigError(
+                    f"{model.path} cannot be listed under a name of its own ({name!r} is "
+                    "taken): list each model dir once, and give it a name (name=path)"
+                )
             status = ModelStatus(
                 name=name,
                 state=ModelState.FAILED if error else ModelState.LOADING,

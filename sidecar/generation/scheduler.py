@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sidecar.domain import GenerateChunk
-from sidecar.errors import ModelNotReadyError
+from sidecar.errors import PROPAGATE, ModelNotReadyError
 from sidecar.generation.sequence import Sequence
 from sidecar.runtime.backend import Decoder
 
@@ -78,7 +78,9 @@ class DecodeScheduler:
                         results = await loop.run_in_executor(
                             self._pool, self._job, [s for s, _ in batch]
                         )
-                    except Exception as exc:
+                    except PROPAGATE:
+                        raise
+                    except BaseException as exc:  # a Rust panic in the tokenizer too
                         log.exception("decode step of model %s failed", self._name)
                         results = [exc] * len(batch)
                     finally:
@@ -105,12 +107,12 @@ class DecodeScheduler:
         self._waiting = deque(entry for entry in live if id(entry) not in taken)
         return batch
 
-    def _job(self, sequences: list[Sequence]) -> list[GenerateChunk | Exception]:
+    def _job(self, sequences: list[Sequence]) -> list[GenerateChunk | BaseException]:
         """On a model thread: prefill new sequences, and one shared step for the others.
 
         A sequence whose token choice fails gets its own error; the others go on.
         """
-        chunks: dict[int, GenerateChunk | Exception] = {}
+        chunks: dict[int, GenerateChunk | BaseException] = {}
         for index, sequence in enumerate(sequences):
             if sequence.cache is None:
                 t0 = sequence.started_ns = time.perf_counter_ns()
@@ -150,9 +152,11 @@ class DecodeScheduler:
                 await self._loop_task
 
 
-def _advance(sequence: Sequence, logits: npt.NDArray[np.float32]) -> GenerateChunk | Exception:
+def _advance(sequence: Sequence, logits: npt.NDArray[np.float32]) -> GenerateChunk | BaseException:
     try:
         return sequence.advance(logits)
-    except Exception as exc:  # this sequence's failure, not its batch's
+    except PROPAGATE:
+        raise
+    except BaseException as exc:  # this sequence's failure (a detokenizer panic too)
         log.exception("choosing the next token failed")
         return exc

@@ -28,8 +28,8 @@ def metadata_size(metadata: Sequence[tuple[str, str | bytes]] | None) -> int:
     """The call's metadata as HTTP/2 counts it (core also counts the pseudo-headers)."""
     total = 0
     for key, value in metadata or ():
-        if isinstance(value, bytes):  # a -bin entry: base64 on the wire
-            size = 4 * -(-len(value) // 3)
+        if isinstance(value, bytes):  # a -bin entry: unpadded base64 on the wire
+            size = (4 * len(value) + 2) // 3
         else:
             size = len(value.encode("utf-8", "replace"))
         total += len(key) + size + ENTRY_OVERHEAD

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -250,6 +251,12 @@ def _parse(model_dir: Path) -> Manifest:
     data = parse_json(path, raw)
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    try:  # JSON's \ud800 escapes give lone surrogates, which protobuf and metrics cannot write
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ModelLoadError(
+            f"{path} holds text that is not valid Unicode ({exc.reason}): re-export the model"
+        ) from None
     version = _require(data, "format_version", path)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelLoadError(

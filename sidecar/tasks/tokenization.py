@@ -6,6 +6,7 @@ model sees are exactly those it was exported with.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from sidecar.errors import PROPAGATE, InvalidInputError, ModelLoadError
 from sidecar.model_files import MAX_TOKENIZER_BYTES, absent, read_json_object, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,10 @@ class TextEncoder:
                     tokenizer.encode("A probe text.", "And its pair.")
         except PROPAGATE:
             raise
-        except BaseException as exc:
+        except Exception as exc:  # an error the call would get too (a WordLevel vocabulary
+            # without an unknown token refuses the English probe): serve, and say so
+            log.warning("%s could not encode the probe text: %s", self._path, exc)
+        except BaseException as exc:  # a panic: the library's state is not to be trusted
             raise ModelLoadError(
                 f"{self._path} cannot encode text ({type(exc).__name__}: {exc}): its "
                 "post-processor or templates are broken; export the model dir again"

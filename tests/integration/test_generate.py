@@ -412,3 +412,48 @@ async def test_closing_a_scheduler_fails_the_running_step_instead_of_hanging(
             await asyncio.wait_for(future, 5)
         with pytest.raises(ModelNotReadyError, match="shutting down"):
             scheduler.advance(sequence)
+
+
+class Panic(BaseException):
+    """What a Rust panic in the tokenizers library arrives as (pyo3's PanicException)."""
+
+
+async def test_a_panic_in_a_step_fails_its_generation_and_the_scheduler_goes_on(
+    gpt2_dir: Path,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sidecar.domain import GenerateRequest
+    from sidecar.generation.sampling import resolve
+    from sidecar.generation.scheduler import DecodeScheduler
+    from sidecar.models.loader import load_model
+    from sidecar.models.manifest import read_manifest
+
+    model = load_model("gpt2", gpt2_dir, read_manifest(gpt2_dir), "cpu", 1)
+    real = model.decoder  # type: ignore[attr-defined]
+    panics = [True]
+
+    class PanicOnce:
+        name, device = real.name, real.device
+
+        def prefill(self, ids: Any) -> Any:
+            if panics and panics.pop():
+                raise Panic("no entry found for key")
+            return real.prefill(ids)
+
+        def step(self, caches: Any, tokens: Any) -> Any:
+            return real.step(caches, tokens)
+
+    request = GenerateRequest(model="gpt2", prompt="refund")
+    with ThreadPoolExecutor(1) as pool:
+        scheduler = DecodeScheduler("gpt2", PanicOnce(), pool, asyncio.Semaphore(1), 8)  # type: ignore[arg-type]
+
+        def sequence() -> Any:
+            params = resolve(request, model.defaults)  # type: ignore[attr-defined]
+            return model.sequence(model.prompt(request, 8), params)  # type: ignore[attr-defined]
+
+        with pytest.raises(Panic):
+            await asyncio.wait_for(scheduler.advance(sequence()), 5)
+        chunk = await asyncio.wait_for(scheduler.advance(sequence()), 5)
+        assert chunk.token_ids
+        await scheduler.close()

@@ -120,6 +120,14 @@ def wrong_types(model_dir: Path, elsewhere: Path) -> None:
     rewrite(model_dir, lambda m: m.update(exported_by={"torch": 2}))
 
 
+def lone_surrogate(model_dir: Path, elsewhere: Path) -> None:
+    """Valid JSON (an escape), but no text protobuf or Prometheus can write."""
+    raw = (model_dir / MANIFEST).read_text()
+    (model_dir / MANIFEST).write_text(
+        raw.replace('"source": {', '"source": {"note": "\\ud800", ', 1)
+    )
+
+
 def nested_manifest(model_dir: Path, elsewhere: Path) -> None:
     (model_dir / MANIFEST).write_text(nested(100_000))
 
@@ -167,6 +175,7 @@ DAMAGES: dict[str, tuple[Damage, str]] = {
     "absolute-weights": (absolute_weights, "weights entry '/etc/passwd' is not a name inside"),
     "panicking-tokenizer": (panicking_tokenizer, "tokenizer.json cannot encode text"),
     "wrong-types": (wrong_types, "exported_by.torch must be a string, not 2"),
+    "lone-surrogate": (lone_surrogate, "manifest.json holds text that is not valid Unicode"),
     "linked-manifest": (linked_manifest, "manifest.json is a link to"),
     "pipe-manifest": (pipe_manifest, "manifest.json is not a regular file"),
     "nested-manifest": (nested_manifest, "manifest.json is nested deeper than"),

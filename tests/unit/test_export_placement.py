@@ -133,3 +133,27 @@ def test_a_linked_out_dir_is_replaced_and_its_target_kept(tmp_path: Path) -> Non
     assert (out / "marker.txt").read_text() == "new"
     assert (target / "marker.txt").read_text() == "v3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v3"]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-the-rename", "after-the-rename"])
+def test_ctrl_c_between_the_fallback_renames_leaves_a_dir_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: bool
+) -> None:
+    """Ctrl-C lands on the second rename, before or just after it is done: OUT holds the
+    old dir or the new one, and the Ctrl-C (not an OSError) reaches the caller."""
+    out = model_dir(tmp_path / "out", "old")
+    staging = model_dir(tmp_path / ".out.partial", "new")
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: False)
+    rename = Path.rename
+
+    def interrupted(self: Path, target: Path) -> Path:
+        if self != staging:
+            return rename(self, target)
+        if after:
+            rename(self, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        swap.install(staging, out)
+    assert (out / "marker.txt").read_text() == ("new" if after else "old")
