@@ -75,10 +75,11 @@ proto: $(STAMP)  ## regenerate the Python stubs in sidecar/v1 and docs/api.md fr
 	$(PY) tools/protogen.py --out .
 	$(PY) -m tools.apidoc
 
-lint: $(STAMP) $(NPM_STAMPS) $(PROTO_DEPS)  ## ruff, mypy (strict), buf lint
+lint: $(STAMP) $(NPM_STAMPS) $(PROTO_DEPS)  ## ruff, mypy (strict), the layers' import contract, buf lint
 	$(VENV)/bin/ruff check sidecar export tests tools
 	$(VENV)/bin/ruff format --check sidecar export tests tools
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	node_modules/.bin/buf lint
 
 format: $(STAMP)  ## apply ruff's formatting and fixes
@@ -111,4 +112,4 @@ images:  ## build the container images: CPU with the default model, runtime, exp
 	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile --build-arg FLAVOR=cuda -t $(IMAGE):$(VERSION)-cuda .
 
 clean:  ## remove the venv, exported models and caches
-	rm -rf $(VENV) $(MODELS_DIR) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MODELS_DIR) .cache .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -15,6 +15,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from sidecar.errors import ConfigError
+from sidecar.runtime.devices import parse_device
 
 ENV_PREFIX = "SIDECAR_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -199,14 +200,6 @@ def is_local_address(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """Split "cpu", "cuda" or "cuda:1" into kind and index."""
-    kind, sep, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (sep and (kind == "cpu" or not index.isdigit())):
-        raise ConfigError(f"device {device!r} is not one of cpu, cuda, cuda:<index>")
-    return kind, int(index or 0)
 
 
 def parse_model_spec(spec: str) -> ModelSettings:

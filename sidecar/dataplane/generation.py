@@ -18,7 +18,7 @@ from sidecar.errors import DeadlineExceededError
 from sidecar.generation import sampling
 from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.generation.sequence import Sequence
-from sidecar.models.generative import GenerativeModel
+from sidecar.serving.generative import GenerativeModel
 from sidecar.telemetry.observer import Telemetry
 from sidecar.telemetry.tracing import record
 

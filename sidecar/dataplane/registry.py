@@ -21,10 +21,10 @@ from sidecar.errors import (
     SidecarError,
     WrongTaskError,
 )
-from sidecar.models.loader import choose_backend, load_model
 from sidecar.models.manifest import Manifest, Task, read_manifest
-from sidecar.models.served import LoadedModel
 from sidecar.runtime.devices import canonical_device
+from sidecar.serving.loader import choose_backend, load_model
+from sidecar.serving.served import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from sidecar.domain import (
     TokenizeResult,
 )
 from sidecar.errors import DeadlineExceededError, InvalidInputError
-from sidecar.models.generative import GenerativeModel
 from sidecar.models.manifest import Task
-from sidecar.models.served import ServedModel
+from sidecar.serving.generative import GenerativeModel
+from sidecar.serving.served import ServedModel
 from sidecar.tasks import entities, pairs
 from sidecar.tasks.tokenization import EncodedText
 from sidecar.telemetry.metrics import Metrics

@@ -1,1 +1,1 @@
-"""Model dirs: the manifest, checksums, preflight checks, loading and warm-up."""
+"""Model dirs, the ground floor: the manifest format, its task and defaults, and preflight."""

@@ -5,11 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar.config import parse_device
 from sidecar.errors import ConfigError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """Split "cpu", "cuda" or "cuda:1" into kind and index."""
+    kind, sep, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (sep and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"device {device!r} is not one of cpu, cuda, cuda:<index>")
+    return kind, int(index or 0)
 
 
 def canonical_device(device: str) -> str:

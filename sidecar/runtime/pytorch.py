@@ -23,11 +23,10 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from sidecar.config import parse_device
 from sidecar.errors import ConfigError, InvalidInputError, ModelLoadError
 from sidecar.models.manifest import Task
 from sidecar.runtime.backend import Arrays, Cache
-from sidecar.runtime.devices import canonical_device
+from sidecar.runtime.devices import canonical_device, parse_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

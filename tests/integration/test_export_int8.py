@@ -13,8 +13,8 @@ import pytest
 
 from export.quality import texts
 from sidecar.errors import ExportError
-from sidecar.models.loader import load_model
 from sidecar.models.manifest import read_manifest, verify_files
+from sidecar.serving.loader import load_model
 from tests.conftest import export_quietly
 
 BIN = Path(sys.executable).parent

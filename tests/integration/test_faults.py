@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.config import ModelSettings, Settings
 from sidecar.grpc.server import SidecarServer
-from sidecar.models.served import ServedModel
+from sidecar.serving.served import ServedModel
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
 

@@ -390,8 +390,8 @@ async def test_closing_a_scheduler_fails_the_running_step_instead_of_hanging(
     from sidecar.errors import ModelNotReadyError
     from sidecar.generation.sampling import resolve
     from sidecar.generation.scheduler import DecodeScheduler
-    from sidecar.models.loader import load_model
     from sidecar.models.manifest import read_manifest
+    from sidecar.serving.loader import load_model
 
     model = load_model("gpt2", gpt2_dir, read_manifest(gpt2_dir), "cpu", 1)
     request = GenerateRequest(model="gpt2", prompt=" refund" * 60)
@@ -426,8 +426,8 @@ async def test_a_panic_in_a_step_fails_its_generation_and_the_scheduler_goes_on(
     from sidecar.domain import GenerateRequest
     from sidecar.generation.sampling import resolve
     from sidecar.generation.scheduler import DecodeScheduler
-    from sidecar.models.loader import load_model
     from sidecar.models.manifest import read_manifest
+    from sidecar.serving.loader import load_model
 
     model = load_model("gpt2", gpt2_dir, read_manifest(gpt2_dir), "cpu", 1)
     real = model.decoder  # type: ignore[attr-defined]

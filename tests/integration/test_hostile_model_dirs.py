@@ -15,8 +15,8 @@ import pytest
 
 from sidecar.config import ModelSettings
 from sidecar.errors import ModelLoadError
-from sidecar.models.loader import check_torch_files
 from sidecar.models.manifest import MANIFEST, sha256_file
+from sidecar.serving.loader import check_torch_files
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
 from tests.conftest import serving

@@ -22,8 +22,8 @@ from sidecar.errors import InvalidInputError
 from sidecar.generation.chat import ChatTemplate
 from sidecar.generation.sampling import Sampler, SamplingParams, resolve
 from sidecar.generation.text import TextStream
-from sidecar.models.generative import special_tokens
 from sidecar.models.manifest import GenerationDefaults
+from sidecar.serving.generative import special_tokens
 
 VOCAB = 64
 

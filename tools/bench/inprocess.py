@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from sidecar.models.loader import load_model
 from sidecar.models.manifest import read_manifest
-from sidecar.models.served import ServedModel
+from sidecar.serving.loader import load_model
+from sidecar.serving.served import ServedModel
 
 
 def load(model_dir: Path, device: str, threads: int) -> ServedModel:

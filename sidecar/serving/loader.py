@@ -9,13 +9,13 @@ from pathlib import Path
 from sidecar.errors import ModelLoadError
 from sidecar.generation.chat import ChatTemplate
 from sidecar.model_files import check_contained, read_json_object, read_text, relative_name
-from sidecar.models.generative import GenerativeModel, special_tokens
 from sidecar.models.manifest import Manifest, Task, verify_files
 from sidecar.models.preflight import preflight
-from sidecar.models.served import LoadedModel, ServedModel
 from sidecar.runtime.backend import Backend, Decoder
 from sidecar.runtime.onnx import OnnxBackend
 from sidecar.runtime.onnx_decoder import OnnxCausalDecoder, OnnxSeq2SeqDecoder
+from sidecar.serving.generative import GenerativeModel, special_tokens
+from sidecar.serving.served import LoadedModel, ServedModel
 from sidecar.tasks.tokenization import TextEncoder
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from sidecar.generation.sampling import SamplingParams
 from sidecar.generation.sequence import Prompt, Sequence
 from sidecar.model_files import read_json_object
 from sidecar.models.manifest import GenerationDefaults, Manifest, Task
-from sidecar.models.served import WARM_UP_TEXT, LoadedModel
 from sidecar.runtime.backend import Decoder
+from sidecar.serving.served import WARM_UP_TEXT, LoadedModel
 from sidecar.tasks.tokenization import TextEncoder, new_tokenizer, read_tokenizer
 
 

@@ -1,0 +1,1 @@
+"""Loaded models: a model dir verified, its backend started, warmed up and ready for calls."""
