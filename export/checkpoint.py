@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from export import generation
-from sidecar.errors import ExportError
+from export.errors import ExportError
 from sidecar.models.manifest import Pooling, Task
 from sidecar.tasks import pairs
 from sidecar.tasks.embed import POOLING_MODES

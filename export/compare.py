@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sidecar.errors import ExportError, ValidationError
+from export.errors import ExportError, ValidationError
 
 # Measured on SmolLM2-135M (fp32, 30 layers): |ONNX - PyTorch| stayed below 9e-5 on logits up
 # to 41 over prompts of 16 to 2,048 tokens and at positions up to 8,191, which these bounds

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import ExportError
+from export.errors import ExportError
 from sidecar.models.manifest import Task
 
 # optimum's task names; generation is exported with its KV cache as graph inputs and outputs.

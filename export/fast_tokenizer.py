@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import ExportError
+from export.errors import ExportError
 from sidecar.tasks.tokenization import TOKENIZER_FILE
 
 # How far below the source model's pieces a target-only piece of one character scores, and

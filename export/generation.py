@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import ExportError
+from export.errors import ExportError
 from sidecar.models.manifest import Task
 
 CHAT_TEMPLATE = "chat_template.jinja"

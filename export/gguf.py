@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from export import weights
-from sidecar.errors import ExportError
+from export.errors import ExportError
 from sidecar.models.manifest import Task
 
 SUFFIX = ".gguf"

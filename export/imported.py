@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from export import weights
-from sidecar.errors import ExportError
+from export.errors import ExportError
 
 # Where repositories keep graphs, preferred first: the unquantized one when there are several.
 _DEFAULTS = ("model.onnx", "onnx/model.onnx")

@@ -33,9 +33,10 @@ from export.compare import (
     Tolerance,
     check_bounds,
 )
+from export.errors import ExportError
 from export.progress import Progress
 from export.quantize import CHOICES, quantize_int8
-from sidecar.errors import ExportError, ModelLoadError
+from sidecar.errors import ModelLoadError
 from sidecar.model_files import check_contained
 from sidecar.models.manifest import MANIFEST, Task, format_version, sha256_file
 

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from export.checkpoint import CheckpointInfo
-from sidecar.errors import ValidationError
+from export.errors import ValidationError
 from sidecar.models.manifest import Task
 from sidecar.runtime.onnx import OnnxBackend
 from sidecar.tasks import classify, embed

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.errors import ExportError
+from export.errors import ExportError
 
 if TYPE_CHECKING:
     import onnx

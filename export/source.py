@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from export import gguf, imported
-from sidecar.errors import ExportError, ModelLoadError
+from export.errors import ExportError
+from sidecar.errors import ModelLoadError
 from sidecar.model_files import links_outside
 from sidecar.models.manifest import sha256_file
 

@@ -12,8 +12,8 @@ import numpy.typing as npt
 from export import validate_generation
 from export.checkpoint import CheckpointInfo
 from export.compare import Tolerance, closeness, refusal
+from export.errors import ValidationError
 from export.validate_generation import long_text
-from sidecar.errors import ValidationError
 from sidecar.models.manifest import ONNX_VS_PYTORCH, TOKENIZER_ONLY, Task
 from sidecar.runtime.onnx import OnnxBackend
 from sidecar.tasks import embed

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from export.checkpoint import CheckpointInfo
 from export.compare import NextTokens, Tolerance, closeness, refusal
 from export.convert import SERVED
-from sidecar.errors import ValidationError
+from export.errors import ValidationError
 from sidecar.models.manifest import Task
 from sidecar.tasks.tokenization import TextEncoder
 

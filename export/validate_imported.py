@@ -19,9 +19,9 @@ import numpy.typing as npt
 from export import validate, validate_generation
 from export.checkpoint import CheckpointInfo
 from export.compare import Tolerance
+from export.errors import ValidationError
 from export.imported import GraphFacts
 from export.validate_generation import Graph, Report
-from sidecar.errors import ValidationError
 from sidecar.models.manifest import ONNX_SELF_CONSISTENCY, Task
 from sidecar.models.preflight import FEEDABLE_INPUTS, read_config
 from sidecar.runtime.onnx import OnnxBackend

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from export import fast_tokenizer
-from sidecar.errors import ExportError
+from export.errors import ExportError
 
 # Copied as they are: the model's own settings, which the torch backend loads with it.
 _CONFIGS = ("config.json", "generation_config.json")

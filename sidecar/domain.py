@@ -11,7 +11,6 @@ from enum import Enum
 
 import numpy as np
 import numpy.typing as npt
-from opentelemetry.trace import SpanContext
 
 from sidecar.models.manifest import Manifest, Task
 
@@ -127,28 +126,6 @@ class CallInfo:
     inference_us: int = 0
     postprocess_us: int = 0
     batch_size: int = 0
-
-
-@dataclass(frozen=True)
-class Stamps:
-    """When a call's phases happened (time.time_ns), for its trace spans."""
-
-    tokenize: tuple[int, int]
-    enqueued: int
-    started: int
-    inference_end: int
-    input_tokens: int
-    padded_tokens: int  # of the largest batch the call ran in
-    batch: SpanContext | None  # that batch's span
-
-
-@dataclass(frozen=True)
-class BatchOutput:
-    """One forward pass: a row per input (pooled vector or label probabilities) and its cost."""
-
-    rows: npt.NDArray[np.float32]
-    inference_us: int
-    postprocess_us: int
 
 
 @dataclass(frozen=True)

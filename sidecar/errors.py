@@ -14,9 +14,9 @@ one table. Messages are written for the caller: what was wrong and how to fix it
     ├── NotImplementedYetError     the RPC exists but is not available  UNIMPLEMENTED
     ├── ModelLoadError             a model dir cannot be served         (load time only)
     │   └── ChecksumMismatchError  a file differs from its manifest
-    ├── ExportError                a checkpoint cannot be exported      (export time only)
-    │   └── ValidationError        the export is not faithful to its reference
     └── ConfigError                settings that cannot work            (start-up only)
+
+The export's own failures (ExportError, ValidationError) live in export/errors.py.
 """
 
 from __future__ import annotations
@@ -76,14 +76,6 @@ class ModelLoadError(SidecarError):
 
 class ChecksumMismatchError(ModelLoadError):
     """A file in the model dir does not match the sha256 its manifest records."""
-
-
-class ExportError(SidecarError):
-    """A checkpoint cannot be turned into a model dir."""
-
-
-class ValidationError(ExportError):
-    """The export differs from its reference (PyTorch, or itself batched) beyond tolerance."""
 
 
 class ConfigError(SidecarError):

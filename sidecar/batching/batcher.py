@@ -23,9 +23,18 @@ import numpy.typing as npt
 from opentelemetry.trace import SpanContext
 
 from sidecar.batching.planner import plan
-from sidecar.domain import BatchOutput, Stamps
 from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
-from sidecar.telemetry.tracing import current_context
+from sidecar.telemetry.tracing import Stamps, current_context
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """One forward pass: a row per input (pooled vector or label probabilities) and its cost."""
+
+    rows: npt.NDArray[np.float32]
+    inference_us: int
+    postprocess_us: int
+
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from sidecar.batching.batcher import BatchOutput
 from sidecar.domain import (
-    BatchOutput,
     CallInfo,
     Classification,
     ClassifyResult,

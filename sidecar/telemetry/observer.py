@@ -14,9 +14,9 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, Tracer
 
-from sidecar.domain import CallInfo, Stamps
+from sidecar.domain import CallInfo
 from sidecar.telemetry.metrics import Metrics
-from sidecar.telemetry.tracing import record, trace_id
+from sidecar.telemetry.tracing import Stamps, record, trace_id
 
 # Enough of the inputs to recognise a call when log_inputs is on, never whole documents.
 MAX_LOGGED_CHARS = 2000

@@ -10,6 +10,7 @@ exporter's endpoint, headers and TLS. The provider is the server's own, never th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -103,3 +104,16 @@ def record(
         span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
     span.end(end_time=max(end_ns, start_ns))
     return span.get_span_context()
+
+
+@dataclass(frozen=True)
+class Stamps:
+    """When a call's phases happened (time.time_ns), for its trace spans."""
+
+    tokenize: tuple[int, int]
+    enqueued: int
+    started: int
+    inference_end: int
+    input_tokens: int
+    padded_tokens: int  # of the largest batch the call ran in
+    batch: SpanContext | None  # that batch's span

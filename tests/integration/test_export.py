@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import ExportError, ValidationError
+from export.errors import ExportError, ValidationError
 from sidecar.models.manifest import read_manifest, verify_files
 from tests.conftest import export_quietly
 

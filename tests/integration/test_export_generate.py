@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from export.cli import main as export_main
+from export.errors import ExportError, ValidationError
 from export.pipeline import export_model
 from export.progress import Progress
-from sidecar.errors import ExportError, ValidationError
 from sidecar.models.manifest import Task, read_manifest, verify_files
 from tests.checkpoints import CHAT_TEMPLATE, build_starcoder2
 from tests.conftest import export_quietly

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
+from export.errors import ExportError
 from export.quality import texts
-from sidecar.errors import ExportError
 from sidecar.models.manifest import read_manifest, verify_files
 from sidecar.serving.loader import load_model
 from tests.conftest import export_quietly

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.errors import ExportError, ValidationError
 from export.validate import PAIR_TRUNCATION, encode_pairs, pair_case
-from sidecar.errors import ExportError, ValidationError
 from sidecar.models.manifest import Task, read_manifest, verify_files
 from sidecar.runtime.onnx import OnnxBackend
 from sidecar.tasks.tokenization import TextEncoder

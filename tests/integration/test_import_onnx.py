@@ -17,8 +17,8 @@ import onnx
 import pytest
 import torch
 
+from export.errors import ExportError, ValidationError
 from sidecar.config import ModelSettings
-from sidecar.errors import ExportError, ValidationError
 from sidecar.models.manifest import read_manifest, verify_files
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub

@@ -12,7 +12,7 @@ import pytest
 
 from export import checkpoint, validate_generation
 from export.compare import DEFAULT_ATOL, DEFAULT_RTOL, VALIDATED_TOKENS, Tolerance
-from sidecar.errors import ValidationError
+from export.errors import ValidationError
 from sidecar.models.manifest import Task
 from sidecar.runtime.onnx_decoder import OnnxCausalDecoder
 from tests.checkpoints import build_gemma

@@ -16,9 +16,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from sidecar.batching.batcher import Batcher, BatchLimits
+from sidecar.batching.batcher import Batcher, BatchLimits, BatchOutput
 from sidecar.batching.planner import MAX_ADDED_COST, plan
-from sidecar.domain import BatchOutput
 from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
 
 

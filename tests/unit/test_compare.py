@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from export.compare import NextTokens, Tolerance, check_bounds, closeness, refusal
-from sidecar.errors import ExportError, ValidationError
+from export.errors import ExportError, ValidationError
 
 TOL = Tolerance(atol=1e-4, rtol=1e-3)
 

@@ -13,9 +13,10 @@ import onnx
 import pytest
 
 from export import checkpoint, convert, generation, pipeline, quality, source
+from export.errors import ExportError, ValidationError
 from export.progress import Progress
 from export.quantize import fp32_matmuls
-from sidecar.errors import ExportError, ModelLoadError, ValidationError
+from sidecar.errors import ModelLoadError
 from sidecar.models.manifest import GenerationDefaults, Task, format_version, read_manifest
 from sidecar.tasks import pairs
 

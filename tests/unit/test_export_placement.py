@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from export import source, swap
+from export.errors import ExportError
 from export.pipeline import export_model
-from sidecar.errors import ExportError, ModelLoadError
+from sidecar.errors import ModelLoadError
 from sidecar.models.manifest import previous_dir, read_manifest
 
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export import gguf, imported, source
 from export.cli import _reason
-from sidecar.errors import ExportError, ValidationError
+from export.errors import ExportError, ValidationError
 
 
 def touch(path: Path, content: bytes = b"") -> Path:
