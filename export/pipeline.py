@@ -201,7 +201,7 @@ def export_model(
     recovered = swap.recover(out)
     if recovered:
         progress.note(recovered)
-    if (out.exists() or out.is_symlink()) and not force:
+    if swap.present(out) and not force:
         raise ExportError(f"{out} already exists: pass --force to replace it")
     staging = out.with_name(f".{out.name}.partial")
     # A GGUF source is dequantized into a checkpoint here first, removed after.

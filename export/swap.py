@@ -51,7 +51,7 @@ def remove(path: Path) -> None:
 def install(staging: Path, out: Path) -> None:
     """Move the finished `staging` dir to `out`, replacing whatever was there (OUT may be a
     link, `models/current -> v3`: the link is replaced, v3 is kept)."""
-    if not _present(out):
+    if not present(out):
         staging.rename(out)
         return
     if _exchange(staging, out):
@@ -63,13 +63,14 @@ def install(staging: Path, out: Path) -> None:
         out.rename(previous)
         staging.rename(out)
     except BaseException:  # Ctrl-C or a failed rename: the old dir goes back at once
-        if _present(previous) and not _present(out):
+        if present(previous) and not present(out):
             previous.rename(out)
         raise
     remove(previous)
 
 
-def _present(path: Path) -> bool:
+def present(path: Path) -> bool:
+    """Something is at `path`: a dir, a file, or a link (even a dangling one)."""
     return path.exists() or path.is_symlink()
 
 
@@ -79,9 +80,9 @@ def recover(out: Path) -> str:
     Returns what was done ("" when nothing was stranded) for the progress log.
     """
     previous = previous_dir(out)
-    if not _present(previous):
+    if not present(previous):
         return ""
-    if _present(out):  # the new dir made it into place: the old one is only leftover
+    if present(out):  # the new dir made it into place: the old one is only leftover
         remove(previous)
         return f"removed {previous}, left by an interrupted export"
     previous.rename(out)

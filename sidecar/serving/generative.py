@@ -16,7 +16,7 @@ from sidecar.model_files import read_json_object
 from sidecar.models.manifest import GenerationDefaults, Manifest, Task
 from sidecar.runtime.backend import Decoder
 from sidecar.serving.served import WARM_UP_TEXT, LoadedModel
-from sidecar.tasks.tokenization import TextEncoder, new_tokenizer, read_tokenizer
+from sidecar.tasks.tokenization import TextEncoder
 
 
 def special_tokens(model_dir: Path) -> dict[str, str]:
@@ -52,9 +52,7 @@ class GenerativeModel(LoadedModel):
         self.decoder = decoder
         self.chat = chat
         self.defaults = manifest.generation or GenerationDefaults()
-        self.tokenizer = new_tokenizer(model_dir, read_tokenizer(model_dir))
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
+        self.tokenizer = encoder.untruncated  # tokenizer.json read and parsed once
         self.seq2seq = manifest.task is Task.SEQ2SEQ
         self.context = manifest.max_length
 

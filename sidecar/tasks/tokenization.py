@@ -140,6 +140,12 @@ class TextEncoder:
         self.pad_id = _special_token(model_dir, self._full, "pad_token")
         self._path = model_dir / TOKENIZER_FILE
 
+    @property
+    def untruncated(self) -> Tokenizer:
+        """The tokenizer without truncation or padding (generation encodes and decodes with it;
+        it is configured once and never changed, so threads may share it)."""
+        return self._full
+
     def check_encodes(self, pairs: bool) -> None:
         """Encode a text (and a pair, for pair tasks) with every instance, so a tokenizer
         whose templates are broken (the library panics) fails at load, not at each call."""
