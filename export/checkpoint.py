@@ -64,7 +64,7 @@ def _st_modules(path: Path) -> list[dict[str, Any]]:
 
 
 def _pooling(
-    path: Path, modules: list[dict[str, Any]], override: str | None, normalize: bool | None
+    path: Path, modules: list[dict[str, Any]], override: str | None, *, normalize: bool | None
 ) -> tuple[Pooling, tuple[str, ...]]:
     """The pooling, and a note when it was chosen for a checkpoint that names none."""
     mode = override
@@ -165,6 +165,7 @@ def inspect(
     task: Task,
     max_length: int | None = None,
     pooling: str | None = None,
+    *,
     normalize: bool | None = None,
 ) -> CheckpointInfo:
     """Read task-specific facts; flags override what the checkpoint says."""
@@ -172,27 +173,12 @@ def inspect(
     if not config:
         raise ExportError(f"{path} has no config.json: it is not a transformers checkpoint")
     modules = _st_modules(path)
-    positions = _positions(config)
-    limit = max_length
-    if limit is None and modules:
-        limit = _json(path / "sentence_bert_config.json").get("max_seq_length")
-    if limit is None:
-        tokenizer_limit = _json(path / "tokenizer_config.json").get("model_max_length")
-        if isinstance(tokenizer_limit, int) and tokenizer_limit < _NO_LIMIT:
-            limit = tokenizer_limit
-    if limit is None:
-        limit = positions
-    if limit is None and "relative_attention_num_buckets" in config:
-        limit = _RELATIVE_DEFAULT
-    if not isinstance(limit, int) or limit < 2:
-        raise ExportError(f"cannot tell the max input length of {path}: pass --max-length")
-    if positions is not None and limit > positions:
-        limit = positions
+    limit = _max_length(path, config, max_length, modules)
     if task.generative:
         defaults, said = generation.defaults(path, config, task, limit)
         return CheckpointInfo(task=task, max_length=limit, generation=defaults, notes=tuple(said))
     if task is Task.EMBED:
-        chosen, notes = _pooling(path, modules, pooling, normalize)
+        chosen, notes = _pooling(path, modules, pooling, normalize=normalize)
         return CheckpointInfo(
             task=task,
             max_length=limit,
@@ -207,6 +193,28 @@ def inspect(
     # Only a text classifier can be multi-label; the other tasks read logits their own way.
     multi = task is Task.CLASSIFY and config.get("problem_type") == "multi_label_classification"
     return CheckpointInfo(task=task, max_length=limit, labels=labels, multi_label=multi)
+
+
+def _max_length(
+    path: Path, config: dict[str, Any], given: int | None, modules: list[dict[str, Any]]
+) -> int:
+    """The max input length: the flag, else sentence-transformers', else the tokenizer's,
+    else the position embeddings' (T5's relative buckets have a default); never past them."""
+    positions = _positions(config)
+    limit = given
+    if limit is None and modules:
+        limit = _json(path / "sentence_bert_config.json").get("max_seq_length")
+    if limit is None:
+        tokenizer_limit = _json(path / "tokenizer_config.json").get("model_max_length")
+        if isinstance(tokenizer_limit, int) and tokenizer_limit < _NO_LIMIT:
+            limit = tokenizer_limit
+    if limit is None:
+        limit = positions
+    if limit is None and "relative_attention_num_buckets" in config:
+        limit = _RELATIVE_DEFAULT
+    if not isinstance(limit, int) or limit < 2:
+        raise ExportError(f"cannot tell the max input length of {path}: pass --max-length")
+    return limit if positions is None else min(limit, positions)
 
 
 def _check_labels(path: Path, task: Task, labels: tuple[str, ...]) -> None:

@@ -61,7 +61,7 @@ def unsupported(source: Path, task: Task) -> str | None:
     return None
 
 
-def _with_position_ids(source: Path, task: Task, trust_remote_code: bool) -> dict[str, Any]:
+def _with_position_ids(source: Path, task: Task, *, trust_remote_code: bool) -> dict[str, Any]:
     """optimum's ONNX config plus a position_ids input, for decoders whose config has none.
 
     Without position ids the graph counts positions from the past's length, so a sequence
@@ -109,7 +109,7 @@ def _with_position_ids(source: Path, task: Task, trust_remote_code: bool) -> dic
 
 
 def to_onnx(
-    source: Path, out: Path, task: Task, opset: int | None, trust_remote_code: bool
+    source: Path, out: Path, task: Task, opset: int | None, *, trust_remote_code: bool
 ) -> tuple[Path, Path | None]:
     """Export the checkpoint into `out` (tokenizer and config beside it); return the served
     graph and, for seq2seq, the encoder graph."""
@@ -134,7 +134,10 @@ def to_onnx(
                 # export/validate.py checks the exported model through the serving code instead.
                 do_validation=False,
                 trust_remote_code=trust_remote_code,
-                custom_onnx_configs=_with_position_ids(source, task, trust_remote_code) or None,
+                custom_onnx_configs=_with_position_ids(
+                    source, task, trust_remote_code=trust_remote_code
+                )
+                or None,
             )
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ExportError(f"optimum could not export {source} as {task.value}: {exc}") from exc

@@ -26,7 +26,7 @@ def _tokenizer_class(source: Path) -> str:
     return str(config.get("tokenizer_class") or "")
 
 
-def ensure(source: Path, out: Path, trust_remote_code: bool) -> None:
+def ensure(source: Path, out: Path, *, trust_remote_code: bool) -> None:
     """Leave out/tokenizer.json for the checkpoint's tokenizer; ExportError if none can be made."""
     target = out / TOKENIZER_FILE
     if target.is_file():

@@ -38,7 +38,7 @@ from export.progress import Progress
 from export.quantize import CHOICES, quantize_int8
 from sidecar.errors import ModelLoadError
 from sidecar.model_files import check_contained
-from sidecar.models.manifest import MANIFEST, Task, format_version, sha256_file
+from sidecar.models.manifest import Task, write_manifest
 
 # sentence-transformers files kept beside the model for people reading the dir.
 _ST_FILES = (
@@ -126,7 +126,7 @@ def _to_int8(
 
 
 def _plan(
-    backend: str, src: Path, info: CheckpointInfo, int8: bool, progress: Progress
+    backend: str, src: Path, info: CheckpointInfo, *, int8: bool, progress: Progress
 ) -> tuple[bool, bool]:
     """Whether the dir gets an ONNX graph and whether it gets the torch backend's weights."""
     # export/quality.py measures embeddings (cosine) and label probabilities (top-1) of single
@@ -180,43 +180,27 @@ def export_model(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint into `out` and return its manifest; a failure leaves `out` untouched."""
-    if quantize not in CHOICES:
-        raise ExportError(f"--quantize {quantize!r} is not one of {', '.join(CHOICES)}")
-    if backend not in BACKENDS:
-        raise ExportError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if quantize == "int8" and backend == "torch":
-        raise ExportError("--quantize int8 quantizes the ONNX model; --backend torch has none")
+    _check_options(quantize, backend, validate_tokens, int8_min_cosine, int8_min_agreement)
     tol = check_bounds(atol, rtol)
-    if validate_tokens < 2:
-        raise ExportError(f"--validate-tokens must be 2 or more, not {validate_tokens}")
-    for flag, bar in (
-        ("--int8-min-cosine", int8_min_cosine),
-        ("--int8-min-agreement", int8_min_agreement),
-    ):
-        if bar is not None:
-            _check_bar(flag, bar)
     int8 = quantize == "int8"
     # A GGUF source takes one step more: dequantizing it.
     progress = progress or Progress(5 + int8 + _local_gguf(name_or_path))
-    recovered = swap.recover(out)
-    if recovered:
-        progress.note(recovered)
-    if swap.present(out) and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
-    staging = out.with_name(f".{out.name}.partial")
-    # A GGUF source is dequantized into a checkpoint here first, removed after.
-    dequantized = out.with_name(f".{out.name}.gguf-checkpoint")
-    for work in (staging, dequantized):  # what an export killed before its end left
-        swap.remove(work)
-    staging.mkdir(parents=True)
+    staging, dequantized = _work_dirs(out, progress, force=force)
     try:
         with progress.step(f"finding checkpoint {name_or_path}"):
             src = source.resolve(
-                name_or_path, revision, allow_pickle, trust_remote_code, onnx_file, follow_symlinks
+                name_or_path,
+                revision,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+                onnx_file=onnx_file,
+                follow_symlinks=follow_symlinks,
             )
             path = src.path
             if src.gguf is None:
-                info = _read(path, task, max_length, pooling, normalize, progress)
+                info = _read(
+                    path, task, max_length, pooling, normalize=normalize, progress=progress
+                )
         if src.gguf is not None:
             progress.total = max(progress.total, 6 + int8)  # a caller's Progress may not know
             with progress.step(f"dequantizing {src.gguf.name} into a transformers checkpoint"):
@@ -224,7 +208,9 @@ def export_model(
                 for note in gguf.to_checkpoint(src.gguf, dequantized, task):
                     progress.note(note)
                 path = dequantized
-                info = _read(path, task, max_length, pooling, normalize, progress)
+                info = _read(
+                    path, task, max_length, pooling, normalize=normalize, progress=progress
+                )
         if src.onnx_graph is not None:
             defaults = validate_imported.Bars()
             bars = validate_imported.Bars(
@@ -240,9 +226,9 @@ def export_model(
                 quantize,
                 tol,
                 validate_tokens,
-                trust_remote_code,
-                progress,
-                bars,
+                trust_remote_code=trust_remote_code,
+                progress=progress,
+                bars=bars,
             )
         else:
             built = _exported(
@@ -250,12 +236,12 @@ def export_model(
                 staging,
                 info,
                 backend,
-                int8,
-                opset,
-                tol,
-                validate_tokens,
-                trust_remote_code,
-                progress,
+                int8=int8,
+                opset=opset,
+                tol=tol,
+                validate_tokens=validate_tokens,
+                trust_remote_code=trust_remote_code,
+                progress=progress,
             )
             if int8:
                 assert built.model is not None  # _plan refuses int8 without ONNX
@@ -268,8 +254,8 @@ def export_model(
                         quality.MIN_AGREEMENT if int8_min_agreement is None else int8_min_agreement,
                     )
         with progress.step("writing manifest with checksums"):
-            manifest = _manifest(name or out.name, src, info, built, staging)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            fields = _manifest_fields(name or out.name, src, info, built, staging)
+            manifest = write_manifest(staging, fields)
         with progress.step(f"moving the model dir into place at {out}"):
             contained(staging)
             swap.install(staging, out)
@@ -279,6 +265,49 @@ def export_model(
     finally:
         shutil.rmtree(dequantized, ignore_errors=True)
     return manifest
+
+
+def _check_options(
+    quantize: str,
+    backend: str,
+    validate_tokens: int,
+    int8_min_cosine: float | None,
+    int8_min_agreement: float | None,
+) -> None:
+    """Refuse flags that cannot go together, before any work."""
+    if quantize not in CHOICES:
+        raise ExportError(f"--quantize {quantize!r} is not one of {', '.join(CHOICES)}")
+    if backend not in BACKENDS:
+        raise ExportError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if quantize == "int8" and backend == "torch":
+        raise ExportError("--quantize int8 quantizes the ONNX model; --backend torch has none")
+    if validate_tokens < 2:
+        raise ExportError(f"--validate-tokens must be 2 or more, not {validate_tokens}")
+    for flag, bar in (
+        ("--int8-min-cosine", int8_min_cosine),
+        ("--int8-min-agreement", int8_min_agreement),
+    ):
+        if bar is not None:
+            _check_bar(flag, bar)
+
+
+def _work_dirs(out: Path, progress: Progress, *, force: bool) -> tuple[Path, Path]:
+    """A fresh staging dir beside `out`, and where a GGUF source is dequantized first.
+
+    What an earlier export left is dealt with first: a stranded old dir put back, and the
+    work dirs of one killed before its end removed.
+    """
+    recovered = swap.recover(out)
+    if recovered:
+        progress.note(recovered)
+    if swap.present(out) and not force:
+        raise ExportError(f"{out} already exists: pass --force to replace it")
+    staging = out.with_name(f".{out.name}.partial")
+    dequantized = out.with_name(f".{out.name}.gguf-checkpoint")
+    for work in (staging, dequantized):
+        swap.remove(work)
+    staging.mkdir(parents=True)
+    return staging, dequantized
 
 
 def contained(model_dir: Path) -> None:
@@ -301,12 +330,13 @@ def _read(
     task: Task | None,
     max_length: int | None,
     pooling: str | None,
+    *,
     normalize: bool | None,
     progress: Progress,
 ) -> CheckpointInfo:
     """The checkpoint's task and facts, with the choices made for the user said aloud."""
     chosen = task or checkpoint.detect_task(path)
-    info = checkpoint.inspect(path, chosen, max_length, pooling, normalize)
+    info = checkpoint.inspect(path, chosen, max_length, pooling, normalize=normalize)
     for note in info.notes:
         progress.note(note)
     return info
@@ -324,14 +354,14 @@ class _Built:
     quantization: str | dict[str, Any] = "none"
 
 
-def _extras(src: Path, staging: Path, info: CheckpointInfo, trust_remote_code: bool) -> str:
+def _extras(src: Path, staging: Path, info: CheckpointInfo, *, trust_remote_code: bool) -> str:
     """sentence-transformers files, tokenizer.json and the chat template beside the model;
     returns the chat template's file name ("" if none)."""
     for extra in _ST_FILES:
         if (src / extra).is_file():
             (staging / extra).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / extra, staging / extra)
-    fast_tokenizer.ensure(src, staging, trust_remote_code)
+    fast_tokenizer.ensure(src, staging, trust_remote_code=trust_remote_code)
     return generation.write_chat_template(staging) if info.task.generative else ""
 
 
@@ -340,6 +370,7 @@ def _exported(
     staging: Path,
     info: CheckpointInfo,
     backend: str,
+    *,
     int8: bool,
     opset: int | None,
     tol: Tolerance,
@@ -348,16 +379,18 @@ def _exported(
     progress: Progress,
 ) -> _Built:
     """Steps 2 and 3 from PyTorch weights: ONNX (and/or the weights), validated."""
-    onnx, torch = _plan(backend, src, info, int8, progress)
+    onnx, torch = _plan(backend, src, info, int8=int8, progress=progress)
     model: Path | None = None
     encoder: Path | None = None
-    with progress.step(_convert_step(info.task, onnx, torch)):
+    with progress.step(_convert_step(info.task, onnx=onnx, torch=torch)):
         if onnx:
-            model, encoder = convert.to_onnx(src, staging, info.task, opset, trust_remote_code)
+            model, encoder = convert.to_onnx(
+                src, staging, info.task, opset, trust_remote_code=trust_remote_code
+            )
         else:
-            weights.copy_model_files(src, staging, trust_remote_code)
+            weights.copy_model_files(src, staging, trust_remote_code=trust_remote_code)
         weight_files = weights.copy_weights(src, staging) if torch else []
-        chat_template = _extras(src, staging, info, trust_remote_code)
+        chat_template = _extras(src, staging, info, trust_remote_code=trust_remote_code)
     checking = (
         f"validating against PyTorch ({tol.describe()}, inputs of up to "
         f"{min(validate_tokens, info.max_length)} tokens)"
@@ -367,7 +400,7 @@ def _exported(
     with progress.step(checking):
         started = time.perf_counter()
         validation = validate.validate(
-            src, staging, info, tol, validate_tokens, trust_remote_code, onnx
+            src, staging, info, tol, validate_tokens, trust_remote_code=trust_remote_code, onnx=onnx
         )
         validation["seconds"] = round(time.perf_counter() - started, 1)
     return _Built(model, encoder, weight_files, chat_template, validation)
@@ -382,6 +415,7 @@ def _imported(
     quantize: str,
     tol: Tolerance,
     validate_tokens: int,
+    *,
     trust_remote_code: bool,
     progress: Progress,
     bars: validate_imported.Bars,
@@ -403,16 +437,23 @@ def _imported(
         others = [g for g in imported.graphs(src) if g != str(relative)]
         if others:
             progress.note(f"other graphs there ({', '.join(others)}): --onnx-file picks one")
-        weights.copy_model_files(src, staging, trust_remote_code)
+        weights.copy_model_files(src, staging, trust_remote_code=trust_remote_code)
         model = imported.copy_graph(graph, staging, SERVED_GRAPH)
-        chat_template = _extras(src, staging, info, trust_remote_code)
+        chat_template = _extras(src, staging, info, trust_remote_code=trust_remote_code)
     with progress.step(
         f"checking the graph without a PyTorch reference ({tol.describe()}): its inputs and "
         "outputs, tokenizer and embedding table, and itself alone against batched"
     ):
         started = time.perf_counter()
         validation, notes = validate_imported.validate_graph(
-            src, staging, info, facts, tol, validate_tokens, trust_remote_code, bars
+            src,
+            staging,
+            info,
+            facts,
+            tol,
+            validate_tokens,
+            trust_remote_code=trust_remote_code,
+            bars=bars,
         )
         validation["seconds"] = round(time.perf_counter() - started, 1)
         for note in notes:
@@ -423,13 +464,12 @@ def _imported(
     return _Built(model, None, [], chat_template, validation, quantization)
 
 
-def _manifest(
+def _manifest_fields(
     name: str, src: source.Source, info: CheckpointInfo, built: _Built, staging: Path
 ) -> dict[str, Any]:
-    """manifest.json's content, the files' checksums included."""
+    """What manifest.json says of this export (write_manifest adds checksums and format)."""
     model = built.model
-    manifest = {
-        "format_version": 0,  # set below, once the manifest is complete
+    return {
         "name": name,
         "task": info.task.value,
         "source": src.manifest_entry(),
@@ -454,17 +494,10 @@ def _manifest(
         "generation": info.generation,
         "chat_template": built.chat_template,
         "validation": built.validation,
-        "files": {
-            str(p.relative_to(staging)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(staging.rglob("*"))
-            if p.is_file()
-        },
     }
-    manifest["format_version"] = format_version(manifest)
-    return manifest
 
 
-def _convert_step(task: Task, onnx: bool, torch: bool) -> str:
+def _convert_step(task: Task, *, onnx: bool, torch: bool) -> str:
     if not onnx:
         return "copying safetensors weights, config and tokenizer for the PyTorch backend"
     also = " and copying the safetensors weights" if torch else ""

@@ -73,7 +73,7 @@ def _rows(
         assert info.pooling is not None
         pooled = embed.pool(outputs["last_hidden_state"], encoded.attention_mask, info.pooling.mode)
         return embed.normalize(pooled)
-    return classify.probabilities(outputs["logits"], info.multi_label)
+    return classify.probabilities(outputs["logits"], multi_label=info.multi_label)
 
 
 def _served(

@@ -55,6 +55,7 @@ class Source:
 def resolve(
     name: str,
     revision: str | None = None,
+    *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     onnx_file: str | None = None,
@@ -67,14 +68,7 @@ def resolve(
     if local.exists() and revision:
         raise ExportError(f"--revision applies to Hub ids, but {name} is a local path")
     if local.is_file():
-        if gguf.find(local) is None:
-            raise ExportError(
-                f"{name} is a file but not a .gguf model: pass a checkpoint directory, a GGUF "
-                "file or a Hub id like org/model"
-            )
-        if onnx_file:
-            raise ExportError("--onnx-file imports a graph from a directory, not from a GGUF file")
-        return Source(path=local.parent.resolve(), gguf=local.resolve())
+        return _gguf_file(local, onnx_file=onnx_file)
     if local.is_dir():
         if not follow_symlinks:
             check_links(local)
@@ -94,12 +88,30 @@ def resolve(
                 f"commit sha (40 hex characters), not {revision or 'the main branch'!r}, so the "
                 "code you reviewed is the code that runs"
             )
-        source = _from_hub(name, revision, allow_pickle, trust_remote_code, onnx_file)
+        source = _from_hub(
+            name,
+            revision,
+            allow_pickle=allow_pickle,
+            remote_code=trust_remote_code,
+            onnx_file=onnx_file,
+        )
         if onnx_file:
             graph = imported.find_graph(source.path, onnx_file)
             return Source(source.path, source.hub_id, source.revision, onnx_graph=graph)
-    check_weights(source.path, allow_pickle)
+    check_weights(source.path, allow_pickle=allow_pickle)
     return source
+
+
+def _gguf_file(local: Path, *, onnx_file: str | None) -> Source:
+    """A checkpoint given as one file: only a GGUF file is one."""
+    if gguf.find(local) is None:
+        raise ExportError(
+            f"{local} is a file but not a .gguf model: pass a checkpoint directory, a GGUF "
+            "file or a Hub id like org/model"
+        )
+    if onnx_file:
+        raise ExportError("--onnx-file imports a graph from a directory, not from a GGUF file")
+    return Source(path=local.parent.resolve(), gguf=local.resolve())
 
 
 def check_links(checkpoint: Path) -> None:
@@ -130,6 +142,7 @@ def _is_commit(revision: str | None) -> bool:
 def _from_hub(
     repo_id: str,
     revision: str | None,
+    *,
     allow_pickle: bool,
     remote_code: bool,
     onnx_file: str | None,
@@ -161,7 +174,7 @@ def _from_hub(
     return Source(path=path, hub_id=repo_id, revision=path.name)
 
 
-def check_weights(path: Path, allow_pickle: bool) -> None:
+def check_weights(path: Path, *, allow_pickle: bool) -> None:
     """Refuse pickle-only checkpoints (loading a pickle runs arbitrary code) and safetensors
     files whose header cannot be read, naming the file."""
     safetensors = sorted(path.glob("*.safetensors"))

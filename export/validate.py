@@ -122,6 +122,7 @@ def validate(
     info: CheckpointInfo,
     tol: Tolerance,
     max_tokens: int,
+    *,
     trust_remote_code: bool,
     onnx: bool = True,
 ) -> dict[str, Any]:
@@ -131,13 +132,15 @@ def validate(
     tokenizers are still compared at the model's full length.
     """
     if not onnx:
-        return tokenizer_only(source, exported, info, tol, trust_remote_code)
+        return tokenizer_only(source, exported, info, tol, trust_remote_code=trust_remote_code)
     if info.task.generative:
         found = validate_generation.validate(
-            source, exported, info, tol, max_tokens, trust_remote_code
+            source, exported, info, tol, max_tokens, trust_remote_code=trust_remote_code
         )
     else:
-        found = _encoder(source, exported, info, tol, max_tokens, trust_remote_code)
+        found = _encoder(
+            source, exported, info, tol, max_tokens, trust_remote_code=trust_remote_code
+        )
     return {
         "compared": ONNX_VS_PYTORCH,
         "validated_length": min(max_tokens, info.max_length),
@@ -146,7 +149,7 @@ def validate(
 
 
 def tokenizer_only(
-    source: Path, exported: Path, info: CheckpointInfo, tol: Tolerance, trust_remote_code: bool
+    source: Path, exported: Path, info: CheckpointInfo, tol: Tolerance, *, trust_remote_code: bool
 ) -> dict[str, Any]:
     """For a dir without ONNX: the torch backend runs the checkpoint's own weights, so only
     the sidecar's tokenizer can differ from the checkpoint's."""
@@ -190,6 +193,7 @@ def _encoder(
     info: CheckpointInfo,
     tol: Tolerance,
     max_tokens: int,
+    *,
     trust_remote_code: bool,
 ) -> dict[str, Any]:
     """Compare outputs case by case; ValidationError out of tolerance or on a tokenizer mismatch."""

@@ -171,6 +171,7 @@ class Report:
         batch: int,
         seq_len: int,
         first_position: int = 0,
+        *,
         logits: bool = True,
         reference: str | None = None,
     ) -> None:
@@ -422,6 +423,7 @@ def validate(
     info: CheckpointInfo,
     tol: Tolerance,
     max_tokens: int,
+    *,
     trust_remote_code: bool,
 ) -> dict[str, Any]:
     """Compare ONNX logits with PyTorch's at prefill and cached steps; raise out of tolerance."""

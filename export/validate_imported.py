@@ -120,7 +120,7 @@ def _encoder_items(
         alone = [validate.encode_pairs(encoder, [pair], info.task) for pair in pairs]
         return alone, validate.encode_pairs(encoder, pairs, info.task)
     texts = [text for batch in validate.cases(info.max_length) for text in batch]
-    return [encoder.encode([t], truncate=True) for t in texts], encoder.encode(texts, True)
+    return [encoder.encode([t], truncate=True) for t in texts], encoder.encode(texts, truncate=True)
 
 
 def _encoder(exported: Path, info: CheckpointInfo, report: Report, max_tokens: int) -> Report:
@@ -185,6 +185,7 @@ class ByServedOutputs(Report):
         batch: int,
         seq_len: int,
         first_position: int = 0,
+        *,
         logits: bool = True,
         reference: str | None = None,
     ) -> None:
@@ -309,6 +310,7 @@ def validate_graph(
     facts: GraphFacts,
     tol: Tolerance,
     max_tokens: int,
+    *,
     trust_remote_code: bool,
     bars: Bars = Bars(),  # frozen: one shared default is safe
 ) -> tuple[dict[str, Any], list[str]]:
@@ -316,7 +318,9 @@ def validate_graph(
     from transformers import AutoTokenizer
 
     # The tokenizer copied into the dir must give the source's own tokenizer's ids.
-    tokenizer_check = validate.tokenizer_only(source, exported, info, tol, trust_remote_code)
+    tokenizer_check = validate.tokenizer_only(
+        source, exported, info, tol, trust_remote_code=trust_remote_code
+    )
     vocab = TextEncoder(exported, info.max_length).vocab_size
     structure = check_structure(info, facts, read_config(exported), vocab)
     notes: list[str] = []

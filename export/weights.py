@@ -38,7 +38,7 @@ def copy_weights(source: Path, out: Path) -> list[str]:
     return names
 
 
-def copy_model_files(source: Path, out: Path, trust_remote_code: bool) -> None:
+def copy_model_files(source: Path, out: Path, *, trust_remote_code: bool) -> None:
     """Config and tokenizer for a dir without ONNX, saved as optimum saves them for ONNX."""
     from transformers import AutoTokenizer
 
@@ -54,4 +54,4 @@ def copy_model_files(source: Path, out: Path, trust_remote_code: bool) -> None:
     # where transformers has no fast version).
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     tokenizer.save_pretrained(out)
-    fast_tokenizer.ensure(source, out, trust_remote_code)
+    fast_tokenizer.ensure(source, out, trust_remote_code=trust_remote_code)

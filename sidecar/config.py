@@ -14,6 +14,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sidecar.batching.batcher import BatchLimits
 from sidecar.errors import ConfigError
 from sidecar.runtime.devices import parse_device
 
@@ -136,10 +137,11 @@ class Settings:
     )
     log_format: str = _setting("json", "json (one object per line, with trace ids) or text")
     log_inputs: bool = _setting(
-        False, "put request text in trace spans; off by default, since it may be personal data"
+        default=False,
+        help="put request text in trace spans; off by default, since it may be personal data",
     )
     verify_checksums: bool = _setting(
-        True, "check every model file's sha256 against the manifest at load"
+        default=True, help="check every model file's sha256 against the manifest at load"
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -154,6 +156,16 @@ class Settings:
     def model_dtype(self, model: ModelSettings) -> str:
         """The torch dtype setting of a model."""
         return model.torch_dtype or self.torch_dtype
+
+    def batch_limits(self) -> BatchLimits:
+        """How each encoder model's batcher cuts batches and how much may wait."""
+        return BatchLimits(
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_size=self.max_batch_size,
+            max_batch_delay_s=self.max_batch_delay_ms / 1000,
+            max_queue_size=self.max_queue_size,
+            workers=self.inference_workers,
+        )
 
     def model_threads(self, model: ModelSettings) -> int:
         """The ONNX Runtime intra-op thread count of a model."""
@@ -266,7 +278,7 @@ def _coerce(name: str, raw: Any, annotation: Any) -> Any:
         raise ConfigError(f"setting {name!r}: {raw!r} is not a valid {kind.__name__}") from None
 
 
-def _validate(settings: Settings) -> Settings:
+def _check_ranges(settings: Settings) -> None:
     positive = (
         "max_client_batch_size",
         "max_message_bytes",
@@ -294,6 +306,9 @@ def _validate(settings: Settings) -> Settings:
             raise ConfigError(
                 f"setting {name!r} must not be negative, got {getattr(settings, name)}"
             )
+
+
+def _check_grpc_limits(settings: Settings) -> None:
     # gRPC holds both in a C int (the age in milliseconds).
     if settings.max_message_bytes > 2**31 - 1:
         raise ConfigError(
@@ -314,6 +329,9 @@ def _validate(settings: Settings) -> Settings:
             f"max_connection_age_s {settings.max_connection_age_s} is over gRPC's limit of "
             f"{(2**31 - 1) // 1000} s"
         )
+
+
+def _check_queue(settings: Settings) -> None:
     if settings.max_queue_size < settings.max_client_batch_size:
         raise ConfigError(
             f"max_queue_size {settings.max_queue_size} is below max_client_batch_size "
@@ -324,11 +342,16 @@ def _validate(settings: Settings) -> Settings:
             f"max_queue_size {settings.max_queue_size} is below max_rerank_passages "
             f"{settings.max_rerank_passages}: a full Rerank call could never be queued"
         )
-    check_transport_security(settings)
+
+
+def _check_logging(settings: Settings) -> None:
     if settings.log_format not in LOG_FORMATS:
         raise ConfigError(f"log_format {settings.log_format!r} is not one of json, text")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level {settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def _check_models(settings: Settings) -> None:
     for model in settings.models:
         parse_device(settings.model_device(model))
         if settings.model_backend(model) not in BACKENDS:
@@ -348,7 +371,77 @@ def _validate(settings: Settings) -> Settings:
             "no model to serve: pass --model path/to/model-dir (or name=path), "
             "set SIDECAR_MODELS, or list 'models' in the config file"
         )
+
+
+def _validate(settings: Settings) -> Settings:
+    """The settings, once every check passed (each names the setting at fault)."""
+    _check_ranges(settings)
+    _check_grpc_limits(settings)
+    _check_queue(settings)
+    check_transport_security(settings)
+    _check_logging(settings)
+    _check_models(settings)
     return settings
+
+
+def _from_file(path: Path) -> tuple[dict[str, Any], tuple[ModelSettings, ...] | None]:
+    """The settings a config file holds, and its models (None when it lists none)."""
+    hints = get_type_hints(Settings)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    unknown = set(loaded) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)} in {path}; known: {sorted(hints)}")
+    merged = {
+        name: _coerce(name, loaded[name], hints[name]) for name in _scalar_names() if name in loaded
+    }
+    entries = loaded.get("models") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"'models' in {path} must be a list of model dirs or mappings")
+    return merged, tuple(_model_from_yaml(m) for m in entries)
+
+
+def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], tuple[ModelSettings, ...] | None]:
+    """The settings SIDECAR_* variables hold, and SIDECAR_MODELS (None when unset)."""
+    hints = get_type_hints(Settings)
+    merged: dict[str, Any] = {}
+    for name in _scalar_names():
+        raw = env.get(f"{ENV_PREFIX}{name.upper()}")
+        # An empty variable is unset, except for text settings where empty means something
+        # (SIDECAR_METRICS_ADDRESS= turns off the endpoint an image's default turned on).
+        if raw is not None and (raw != "" or _scalar_type(hints[name]) is str):
+            merged[name] = _coerce(name, raw, hints[name])
+    models = None
+    if env.get(f"{ENV_PREFIX}MODELS"):
+        models = tuple(parse_model_spec(s) for s in env[f"{ENV_PREFIX}MODELS"].split(","))
+    return merged, models
+
+
+def _from_flags(
+    flags: Mapping[str, Any],
+) -> tuple[dict[str, Any], tuple[ModelSettings, ...] | None]:
+    """The settings given as flags (None values are not given), and --model ones."""
+    hints = get_type_hints(Settings)
+    merged: dict[str, Any] = {}
+    models = None
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name == "models":
+            models = tuple(parse_model_spec(s) for s in value) if value else None
+        elif name in hints:
+            merged[name] = _coerce(name, value, hints[name])
+        else:
+            raise ConfigError(f"unknown setting {name!r}")
+    return merged, models
+
+
+def _scalar_names() -> list[str]:
+    return [f.name for f in fields(Settings) if f.name != "models"]
 
 
 def load_settings(
@@ -359,54 +452,19 @@ def load_settings(
     """Merge the three sources over the defaults, validate, and return the settings.
 
     `flags` holds only the flags the user gave (None values are ignored); `env` defaults
-    to os.environ; the file is `config_file`, else $SIDECAR_CONFIG, else none.
+    to os.environ; the file is `config_file`, else $SIDECAR_CONFIG, else none. Each source
+    overrides the one before it, setting by setting; a source that lists models replaces
+    the models of the ones before it.
     """
     env = os.environ if env is None else env
-    hints = get_type_hints(Settings)
-    scalar_names = [f.name for f in fields(Settings) if f.name != "models"]
-    merged: dict[str, Any] = {}
-    models: tuple[ModelSettings, ...] = ()
-
     path = config_file or (
         Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else None
     )
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"config file {path} must hold a mapping of settings")
-        unknown = set(loaded) - set(hints)
-        if unknown:
-            raise ConfigError(
-                f"unknown setting(s) {sorted(unknown)} in {path}; known: {sorted(hints)}"
-            )
-        for name in scalar_names:
-            if name in loaded:
-                merged[name] = _coerce(name, loaded[name], hints[name])
-        entries = loaded.get("models") or []
-        if not isinstance(entries, list):
-            raise ConfigError(f"'models' in {path} must be a list of model dirs or mappings")
-        models = tuple(_model_from_yaml(m) for m in entries)
-
-    for name in scalar_names:
-        raw = env.get(f"{ENV_PREFIX}{name.upper()}")
-        # An empty variable is unset, except for text settings where empty means something
-        # (SIDECAR_METRICS_ADDRESS= turns off the endpoint an image's default turned on).
-        if raw is not None and (raw != "" or _scalar_type(hints[name]) is str):
-            merged[name] = _coerce(name, raw, hints[name])
-    if env.get(f"{ENV_PREFIX}MODELS"):
-        models = tuple(parse_model_spec(s) for s in env[f"{ENV_PREFIX}MODELS"].split(","))
-
-    for name, value in (flags or {}).items():
-        if value is None:
-            continue
-        if name == "models":
-            models = tuple(parse_model_spec(s) for s in value) if value else models
-        elif name in hints:
-            merged[name] = _coerce(name, value, hints[name])
-        else:
-            raise ConfigError(f"unknown setting {name!r}")
-
+    merged: dict[str, Any] = {}
+    models: tuple[ModelSettings, ...] = ()
+    sources = [_from_file(path)] if path is not None else []
+    sources += [_from_env(env), _from_flags(flags or {})]
+    for values, listed in sources:
+        merged.update(values)
+        models = listed if listed is not None else models
     return _validate(dataclasses.replace(Settings(), models=models, **merged))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -41,18 +41,31 @@ def export_quietly(source: Path | str, out: Path, **options: object) -> Path:
 
 @asynccontextmanager
 async def serving(
-    *models: ModelSettings, **settings: Any
-) -> AsyncIterator[tuple[SidecarServer, grpc.aio.Channel]]:
-    """A real server with these models on a free loopback port, and a channel to it."""
-    defaults: dict[str, Any] = {"metrics_address": "", "intra_op_threads": 1, "grace_period_s": 1.0}
-    server = await SidecarServer.start(
-        Settings(address="127.0.0.1:0", models=models, **{**defaults, **settings})
-    )
+    settings: Settings, env: Mapping[str, str] | None = None
+) -> AsyncIterator[SidecarServer]:
+    """A real server started from `settings`: SERVING once this yields, stopped on exit.
+
+    `env` is set in the process environment only while the server starts, as the
+    OpenTelemetry SDK reads its settings then. A start that fails raises from here."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        server = await SidecarServer.start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield server, channel
+        yield server
     finally:
         await server.stop(grace=0)
+
+
+def local_settings(*models: ModelSettings, **settings: Any) -> Settings:
+    """These models on a free loopback port, no metrics endpoint, one intra-op thread."""
+    defaults: dict[str, Any] = {"metrics_address": "", "intra_op_threads": 1, "grace_period_s": 1.0}
+    return Settings(address="127.0.0.1:0", models=models, **{**defaults, **settings})
+
+
+def channel_to(server: SidecarServer) -> grpc.aio.Channel:
+    """A plain-text channel to a server listening on a loopback port."""
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
 
 
 @pytest.fixture(scope="session")
@@ -126,15 +139,14 @@ def settings(minilm_dir: Path, classifier_dir: Path, multilabel_dir: Path) -> Se
 @pytest.fixture(scope="session")
 async def server(settings: Settings) -> AsyncIterator[SidecarServer]:
     """The real server, started once for the session."""
-    started = await SidecarServer.start(settings)
-    yield started
-    await started.stop(grace=0)
+    async with serving(settings) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
 async def channel(server: SidecarServer) -> AsyncIterator[grpc.aio.Channel]:
     """A client channel to the session server."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+    async with channel_to(server) as chan:
         yield chan
 
 
@@ -148,6 +160,31 @@ def inference(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceStub:
 def models(channel: grpc.aio.Channel) -> models_pb2_grpc.ModelsStub:
     """sidecar.v1.Models stub."""
     return models_pb2_grpc.ModelsStub(channel)
+
+
+@pytest.fixture(scope="module")
+async def tasks(
+    gpt2_dir: Path, token_classifier_dir: Path, cross_encoder_dir: Path
+) -> AsyncIterator[inference_pb2_grpc.InferenceStub]:
+    """A generator (128-token context), a token classifier and a reranker (8 passages), with
+    the session server's limits: the bad-input tests' second server, one for each module."""
+    settings = Settings(
+        address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
+        models=(
+            ModelSettings(path=gpt2_dir, name="gpt2"),
+            ModelSettings(path=token_classifier_dir, name="ner"),
+            ModelSettings(path=cross_encoder_dir, name="ranker"),
+        ),
+        max_client_batch_size=32,
+        max_message_bytes=1024 * 1024,
+        max_rerank_passages=8,
+        stream_max_in_flight=4,
+        grace_period_s=1.0,
+        intra_op_threads=1,
+    )
+    async with serving(settings) as server, channel_to(server) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
 
 
 @pytest.fixture(scope="session")

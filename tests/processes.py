@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,21 @@ def start_sidecar(
         return subprocess.Popen([BIN / "sidecar", "serve", *args], stderr=sink, env=env)
 
 
-def stop_sidecar(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM and wait for the drain; SIGKILL if it takes longer than `timeout`."""
-    process.terminate()
+def stop_sidecar(
+    process: subprocess.Popen[bytes],
+    timeout: float = 10,
+    *,
+    signum: signal.Signals = signal.SIGTERM,
+) -> int:
+    """Send `signum` unless the process has exited already and wait for the exit, with
+    SIGKILL if that takes longer than `timeout`; returns the exit code.
+
+    SIGTERM drains, as Kubernetes stops a pod. A test's cleanup sends SIGKILL: it has no
+    need to wait for a drain, and a server the test left stuck might never finish one."""
+    if process.poll() is None:
+        process.send_signal(signum)
     try:
-        process.wait(timeout)
+        return process.wait(timeout)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.wait()
+        return process.wait()

@@ -142,6 +142,47 @@ KINDS = (
 )
 
 
+async def _stream(
+    stub: inference_pb2_grpc.InferenceStub, text: str, models: tuple[str, str], t: float
+) -> None:
+    """A Stream of an embed, a tokenize and a generate item, each of which must answer."""
+    embed_model, generate_model = models
+    items = [
+        pb.StreamRequest(id="e", embed=pb.EmbedRequest(model=embed_model, inputs=[text])),
+        pb.StreamRequest(id="t", tokenize=pb.TokenizeRequest(model=embed_model, inputs=[text])),
+        pb.StreamRequest(
+            id="g",
+            generate=pb.GenerateRequest(model=generate_model, prompt=text, max_new_tokens=4),
+        ),
+    ]
+    answered = set()
+    call = stub.Stream(iter(items), timeout=t)
+    try:
+        async for answer in call:
+            if answer.HasField("error"):
+                raise _ItemError(_status(answer.error.code), answer.error.message)
+            if answer.HasField("generate") and not answer.generate.finish_reason:
+                continue  # a token of the generation, not its end
+            answered.add(answer.id)
+    finally:
+        call.cancel()  # after an item's error, the rest of the stream is not awaited
+    if answered != {"e", "t", "g"}:
+        raise RuntimeError(f"a Stream answered {sorted(answered)} of e, t, g")
+
+
+async def _cancelled(
+    stub: inference_pb2_grpc.InferenceStub, text: str, model: str, t: float
+) -> None:
+    """A generation its caller cancels after the first token."""
+    request = pb.GenerateRequest(model=model, prompt=text, max_new_tokens=64)
+    call = stub.Generate(request, timeout=t)
+    async for _ in call:
+        call.cancel()
+        break
+    if call.cancelled():
+        raise _ItemError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+
+
 async def _one(
     kind: str, stub: inference_pb2_grpc.InferenceStub, text: str, models: tuple[str, str], t: float
 ) -> None:
@@ -152,27 +193,7 @@ async def _one(
     elif kind == "tokenize":
         await stub.Tokenize(pb.TokenizeRequest(model=embed_model, inputs=[text]), timeout=t)
     elif kind == "stream":
-        items = [
-            pb.StreamRequest(id="e", embed=pb.EmbedRequest(model=embed_model, inputs=[text])),
-            pb.StreamRequest(id="t", tokenize=pb.TokenizeRequest(model=embed_model, inputs=[text])),
-            pb.StreamRequest(
-                id="g",
-                generate=pb.GenerateRequest(model=generate_model, prompt=text, max_new_tokens=4),
-            ),
-        ]
-        answered = set()
-        call = stub.Stream(iter(items), timeout=t)
-        try:
-            async for answer in call:
-                if answer.HasField("error"):
-                    raise _ItemError(_status(answer.error.code), answer.error.message)
-                if answer.HasField("generate") and not answer.generate.finish_reason:
-                    continue  # a token of the generation, not its end
-                answered.add(answer.id)
-        finally:
-            call.cancel()  # after an item's error, the rest of the stream is not awaited
-        if answered != {"e", "t", "g"}:
-            raise RuntimeError(f"a Stream answered {sorted(answered)} of e, t, g")
+        await _stream(stub, text, models, t)
     elif kind == "generate":
         request = pb.GenerateRequest(model=generate_model, prompt=text, max_new_tokens=8)
         async for _ in stub.Generate(request, timeout=t):
@@ -180,13 +201,7 @@ async def _one(
     elif kind == "bad-input":
         await stub.Embed(pb.EmbedRequest(model=embed_model, inputs=[text, " "]), timeout=t)
     elif kind == "cancelled":
-        request = pb.GenerateRequest(model=generate_model, prompt=text, max_new_tokens=64)
-        call = stub.Generate(request, timeout=t)
-        async for _ in call:
-            call.cancel()
-            break
-        if call.cancelled():
-            raise _ItemError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+        await _cancelled(stub, text, generate_model, t)
     else:
         await stub.Embed(pb.EmbedRequest(model=embed_model, inputs=[text]), timeout=0.001)
 

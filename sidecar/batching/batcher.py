@@ -52,6 +52,15 @@ T = TypeVar("T", bound=Sized)
 
 
 @dataclass(frozen=True)
+class Work(Generic[T]):
+    """One call's inputs for the batcher: `count` of them, encoded by `prepare`."""
+
+    count: int
+    prepare: Callable[[], Sequence[T]]
+    deadline: float | None  # time.monotonic()
+
+
+@dataclass(frozen=True)
 class BatchLimits:
     """How batches are cut and how much may wait."""
 
@@ -94,7 +103,7 @@ class JobOutput(Generic[T]):
     stamps: Stamps
 
 
-def _deadline_error(started: bool) -> DeadlineExceededError:
+def _deadline_error(*, started: bool) -> DeadlineExceededError:
     where = "while the model ran" if started else "while queued, before the model ran"
     return DeadlineExceededError(f"the call's deadline passed {where}; allow a longer deadline")
 
@@ -159,7 +168,7 @@ class _Queued(Generic[T]):
 
 
 class Batcher(Generic[T]):
-    """The queue and batch loop of one model. Start lazily; `close()` at shutdown."""
+    """The queue and batch loop of one model, its Engine. Start lazily; `close()` at shutdown."""
 
     def __init__(
         self,
@@ -192,10 +201,9 @@ class Batcher(Generic[T]):
         """Inputs tokenizing or waiting for a batch."""
         return self._depth
 
-    async def submit(
-        self, count: int, prepare: Callable[[], Sequence[T]], deadline: float | None
-    ) -> JobOutput[T]:
-        """Tokenize a call's `count` inputs with `prepare`, queue them, return their rows."""
+    async def submit(self, work: Work[T]) -> JobOutput[T]:
+        """Tokenize a call's inputs with `work.prepare`, queue them, return their rows."""
+        count, prepare, deadline = work.count, work.prepare, work.deadline
         if self._closed:
             raise _stopped(self.name)
         if self._depth + count > self.limits.max_queue_size:
@@ -224,7 +232,7 @@ class Batcher(Generic[T]):
                 self._arrived.set()
                 await job.future
         except TimeoutError:
-            raise _deadline_error(job.started is not None) from None
+            raise _deadline_error(started=job.started is not None) from None
         finally:
             if job.untaken:
                 # Ended early (deadline, cancel, bad input): give its places back now.

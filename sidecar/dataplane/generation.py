@@ -9,18 +9,15 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 
-from opentelemetry import trace
-
 from sidecar.config import Settings
 from sidecar.dataplane.admission import InFlightLimit
 from sidecar.domain import FinishReason, GenerateChunk, GenerateRequest, Usage
-from sidecar.errors import DeadlineExceededError
+from sidecar.errors import DeadlineExceededError, ModelNotReadyError
 from sidecar.generation import sampling
 from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.generation.sequence import Sequence
 from sidecar.serving.generative import GenerativeModel
-from sidecar.telemetry.observer import Telemetry
-from sidecar.telemetry.tracing import record
+from sidecar.telemetry.observer import GenerationSpans, Telemetry
 
 
 class Generation:
@@ -77,7 +74,7 @@ class Generation:
         self._tokenize_us = (self._submitted_ns - t0) // 1000
         self._wall = [began_wall, time.time_ns()]  # call start, tokenized
         sequence = self._sequence = self.model.sequence(prompt, self.params)
-        future = self._scheduler.advance(sequence)
+        future = self._scheduler.submit(sequence)
         try:
             while True:
                 chunk = await future
@@ -86,7 +83,7 @@ class Generation:
                     yield self._last(chunk)
                     return
                 # The next step runs while this chunk is written to the caller.
-                future = self._scheduler.advance(sequence)
+                future = self._scheduler.submit(sequence)
                 self._sent += len(chunk.token_ids)
                 yield chunk
         finally:
@@ -109,34 +106,22 @@ class Generation:
         sequence = self._sequence
         if sequence is None:
             return
-        self._telemetry.metrics.generated(self.model.name, len(sequence.generated))
-        info = self.model.call_info()
-        self._telemetry.describe(info, [self._request.prompt] if self._request.prompt else [])
-        span = trace.get_current_span()
-        tracer = self._telemetry.tracer
-        if tracer is None or not span.is_recording():
-            return
-        finish = sequence.finish.value if sequence.finish else "cancelled"
-        span.set_attributes(
-            {
-                "gen_ai.usage.input_tokens": len(sequence.prompt.ids),
-                "gen_ai.usage.output_tokens": len(sequence.generated),
-                "gen_ai.response.finish_reasons": [finish],
-                "sidecar.time_to_first_token_ms": round(self._ttft_s * 1000, 3),
-                "sidecar.truncated": sequence.prompt.truncated_tokens > 0,
-                "sidecar.batch_size": sequence.batch_size,
-            }
-        )
         began, tokenized = self._wall
-        started = tokenized + max(0, sequence.started_ns - self._submitted_ns)
-        record(tracer, "tokenize", began, tokenized)
-        record(tracer, "queue", tokenized, started)
-        record(
-            tracer,
-            "inference",
-            started,
-            time.time_ns(),
-            {"gen_ai.usage.output_tokens": len(sequence.generated)},
+        self._telemetry.generation(
+            self.model.call_info(),
+            [self._request.prompt] if self._request.prompt else [],
+            GenerationSpans(
+                input_tokens=len(sequence.prompt.ids),
+                output_tokens=len(sequence.generated),
+                finish=sequence.finish.value if sequence.finish else "cancelled",
+                ttft_s=self._ttft_s,
+                truncated=sequence.prompt.truncated_tokens > 0,
+                batch_size=sequence.batch_size,
+                began_ns=began,
+                tokenized_ns=tokenized,
+                started_ns=tokenized + max(0, sequence.started_ns - self._submitted_ns),
+                ended_ns=time.time_ns(),
+            ),
         )
 
     def _last(self, chunk: GenerateChunk, completion_tokens: int | None = None) -> GenerateChunk:
@@ -169,39 +154,14 @@ class Generation:
 
 
 class Generations:
-    """The decode scheduler of each generative model, and the bound on generations at once."""
+    """Generate calls started, against the bound on generations at once."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        model_pool: Executor,
-        prepare_pool: Executor,
-        slots: asyncio.Semaphore,
-        telemetry: Telemetry,
-    ) -> None:
-        self._settings = settings
+    def __init__(self, settings: Settings, prepare_pool: Executor, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
-        self._model_pool = model_pool
         self._prepare_pool = prepare_pool
-        self._slots = slots
-        self._schedulers: dict[str, DecodeScheduler] = {}
         self._limit = InFlightLimit(
             settings.max_concurrent_generations, "generations", "max_concurrent_generations"
         )
-
-    def scheduler(self, model: GenerativeModel) -> DecodeScheduler:
-        """The model's decode scheduler, made on first use."""
-        scheduler = self._schedulers.get(model.name)
-        if scheduler is None:
-            scheduler = DecodeScheduler(
-                model.name,
-                model.decoder,
-                self._model_pool,
-                self._slots,
-                self._settings.max_decode_batch_size,
-            )
-            self._schedulers[model.name] = scheduler
-        return scheduler
 
     @property
     def running(self) -> int:
@@ -212,16 +172,14 @@ class Generations:
         self, model: GenerativeModel, request: GenerateRequest, deadline: float | None
     ) -> Generation:
         """A Generation ready to iterate (parameters already checked)."""
+        if model.engine is None:  # pragma: no cover - every served model has one
+            raise ModelNotReadyError(f"model {model.name!r} is not running")
         return Generation(
             model,
             request,
-            self.scheduler(model),
+            model.engine,
             self._prepare_pool,
             deadline,
             self._limit.held,
             self._telemetry,
         )
-
-    async def close(self) -> None:
-        """Stop every scheduler; waiting steps fail with UNAVAILABLE."""
-        await asyncio.gather(*(s.close() for s in self._schedulers.values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -56,10 +57,14 @@ class ModelRegistry:
     """Knows every configured model; hands out only the ones that are serving."""
 
     def __init__(
-        self, settings: Settings, on_loaded: Callable[[str, float], None] | None = None
+        self,
+        settings: Settings,
+        on_loaded: Callable[[str, float], None] | None = None,
+        attach: Callable[[LoadedModel], None] | None = None,
     ) -> None:
         self._settings = settings
         self._on_loaded = on_loaded  # (name, seconds) once a model serves
+        self._attach = attach  # gives a loaded model its engine, before it serves
         self._entries: dict[str, _Entry] = {}
         # Names the operator gave (name=path) come first, wherever they stand in the list: a
         # dir's own manifest can neither take one nor stop the server by colliding with it.
@@ -140,18 +145,18 @@ class ModelRegistry:
             return
         began = time.perf_counter()
         try:
-            entry.model = await loop.run_in_executor(
-                executor,
+            load = functools.partial(
                 load_model,
                 entry.status.name,
                 entry.settings.path,
                 manifest,
                 entry.status.device,
                 self._settings.model_threads(entry.settings),
-                self._settings.verify_checksums,
-                entry.status.backend,
-                self._settings.model_dtype(entry.settings),
+                verify_checksums=self._settings.verify_checksums,
+                backend=entry.status.backend,
+                torch_dtype=self._settings.model_dtype(entry.settings),
             )
+            entry.model = await loop.run_in_executor(executor, load)
         except SidecarError as exc:
             log.error("model %s refused: %s", entry.status.name, exc)
             entry.status.state, entry.status.error = ModelState.FAILED, str(exc)
@@ -164,6 +169,8 @@ class ModelRegistry:
             entry.status.state = ModelState.FAILED
             entry.status.error = f"{type(exc).__name__}: {exc}"
         else:
+            if self._attach is not None:
+                self._attach(entry.model)
             entry.status.state = ModelState.SERVING
             if self._on_loaded is not None:
                 self._on_loaded(entry.status.name, time.perf_counter() - began)

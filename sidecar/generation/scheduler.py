@@ -29,8 +29,23 @@ from sidecar.runtime.backend import Decoder
 log = logging.getLogger(__name__)
 
 
+def next_job(fresh: list[bool], *, prefilled_last: bool, max_batch: int) -> tuple[list[int], bool]:
+    """Positions (oldest first) of the waiting steps to run next, and whether it is a prefill.
+
+    `fresh[i]` says waiting step i is a prompt's prefill. One prefill runs alone; the steps
+    of running generations run together, up to max_batch; the two take turns when both
+    wait, so a new prompt waits for at most one shared step and the running generations
+    for at most one prefill.
+    """
+    prefills = [i for i, is_fresh in enumerate(fresh) if is_fresh]
+    steps = [i for i, is_fresh in enumerate(fresh) if not is_fresh]
+    if prefills and (not steps or not prefilled_last):
+        return prefills[:1], True
+    return steps[:max_batch], False
+
+
 class DecodeScheduler:
-    """Runs the steps generations ask for; `close()` at shutdown."""
+    """Runs the steps generations ask for, one model's Engine; `close()` at shutdown."""
 
     def __init__(
         self,
@@ -53,7 +68,12 @@ class DecodeScheduler:
         self._running: list[tuple[Sequence, asyncio.Future[GenerateChunk]]] = []
         self.steps = 0  # sequence steps run (a batched run of n sequences counts n)
 
-    def advance(self, sequence: Sequence) -> asyncio.Future[GenerateChunk]:
+    @property
+    def depth(self) -> int:
+        """Steps waiting for a run."""
+        return len(self._waiting)
+
+    def submit(self, sequence: Sequence) -> asyncio.Future[GenerateChunk]:
         """The sequence's next chunk (its prefill first). Cancel the future to withdraw."""
         if self._closed:
             raise ModelNotReadyError(f"model {self._name!r} is shutting down")
@@ -94,15 +114,15 @@ class DecodeScheduler:
                         future.set_result(result)
 
     def _take(self) -> list[tuple[Sequence, asyncio.Future[GenerateChunk]]]:
-        """The next job: one prefill, or up to max_batch steps, in turns; [] if none waits."""
+        """The next job, as next_job chooses it; [] if none waits."""
         # A cancelled caller costs no forward pass.
         live = [entry for entry in self._waiting if not entry[1].done()]
-        fresh = [entry for entry in live if entry[0].cache is None]
-        running = [entry for entry in live if entry[0].cache is not None]
-        if fresh and (not running or not self._prefilled_last):
-            batch, self._prefilled_last = fresh[:1], True
-        else:
-            batch, self._prefilled_last = running[: self._max_batch], False
+        chosen, self._prefilled_last = next_job(
+            [entry[0].cache is None for entry in live],
+            prefilled_last=self._prefilled_last,
+            max_batch=self._max_batch,
+        )
+        batch = [live[i] for i in chosen]
         taken = {id(entry) for entry in batch}
         self._waiting = deque(entry for entry in live if id(entry) not in taken)
         return batch

@@ -24,6 +24,7 @@ from sidecar.errors import ConfigError
 from sidecar.grpc.auth import BearerTokenInterceptor, TransportSecurity
 from sidecar.grpc.metadata import MetadataLimitInterceptor, core_options
 from sidecar.grpc.servicers import add_servicers
+from sidecar.serving.engines import Engines
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.observer import Telemetry
 from sidecar.telemetry.tracing import tracer_provider
@@ -57,7 +58,7 @@ class SidecarServer:
         self.security = TransportSecurity.load(settings)
         # Tracing follows the OTEL_* variables of the process, as the OTel SDK reads them.
         provider = tracer_provider(os.environ)
-        self.telemetry = Telemetry(Metrics(), provider, settings.log_inputs)
+        self.telemetry = Telemetry(Metrics(), provider, log_inputs=settings.log_inputs)
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if provider:
             # Server spans that join the caller's trace (W3C traceparent / baggage metadata).
@@ -72,15 +73,24 @@ class SidecarServer:
                     lambda rpc: self._refused(rpc, grpc.StatusCode.UNAUTHENTICATED.name),
                 )
             )
-        self.registry = ModelRegistry(settings, self.telemetry.metrics.model_loaded)
         self._inference_pool = ThreadPoolExecutor(
             settings.inference_workers, thread_name_prefix="inference"
         )
         # Tokenizing is short and releases the GIL; two threads keep it off the batch's path.
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+        self.engines = Engines(
+            settings.batch_limits(),
+            settings.max_decode_batch_size,
+            self._inference_pool,
+            self._prepare_pool,
+            self.telemetry,
+        )
+        self.registry = ModelRegistry(
+            settings, self.telemetry.metrics.model_loaded, self.engines.attach
+        )
         self.dataplane = DataPlane(
-            settings, self.registry, self._inference_pool, self._prepare_pool, self.telemetry
+            settings, self.registry, self.engines, self._prepare_pool, self.telemetry
         )
         self.health = HealthServicer()
         self._draining = False
@@ -134,6 +144,24 @@ class SidecarServer:
         """Bind, start answering (health NOT_SERVING), load the models, then report SERVING."""
         began = time.perf_counter()
         self = cls(settings)
+        self._bind()
+        try:
+            await self._serve_and_load()
+        except asyncio.CancelledError:
+            # Stopped while loading: models that already serve may have calls in flight,
+            # which get the grace period as at any SIGTERM.
+            await self.stop()
+            raise
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self.ready_seconds = time.perf_counter() - began
+        log.info("SERVING after %.2fs on %s", self.ready_seconds, settings.address)
+        return self
+
+    def _bind(self) -> None:
+        """Take the listeners' ports (ConfigError naming the address when one is held)."""
+        settings = self.settings
         credentials = self.security.server_credentials()
         try:
             if credentials is None:
@@ -171,38 +199,29 @@ class SidecarServer:
                 f"cannot serve metrics on {settings.metrics_address} ({exc}): choose another "
                 "--metrics-address, or an empty one to turn the endpoint off"
             ) from None
-        try:
-            await self.health.set(LIVENESS, SERVING)
-            for service in ("", INFERENCE, MODELS):
-                await self.health.set(service, NOT_SERVING)
-            for status in self.registry:
-                await self.health.set(model_health_name(status.name), NOT_SERVING)
-            if self._health_server:
-                await self._health_server.start()
-            await self._server.start()
-            log.info(
-                "listening on %s (%s); loading %d model(s)",
-                settings.address,
-                self.security.describe(),
-                len(settings.models),
-            )
-            await self.registry.load_all(self._load_pool, self._report)
-            if not self.registry.serving:
-                failed = "; ".join(f"{s.name}: {s.error}" for s in self.registry)
-                raise ConfigError(f"no model could be loaded ({failed})")
-            for service in ("", INFERENCE, MODELS):
-                await self.health.set(service, SERVING)
-        except asyncio.CancelledError:
-            # Stopped while loading: models that already serve may have calls in flight,
-            # which get the grace period as at any SIGTERM.
-            await self.stop()
-            raise
-        except BaseException:
-            await self.stop(grace=0)
-            raise
-        self.ready_seconds = time.perf_counter() - began
-        log.info("SERVING after %.2fs on %s", self.ready_seconds, settings.address)
-        return self
+
+    async def _serve_and_load(self) -> None:
+        """Answer (everything NOT_SERVING but liveness), load the models, report SERVING."""
+        await self.health.set(LIVENESS, SERVING)
+        for service in ("", INFERENCE, MODELS):
+            await self.health.set(service, NOT_SERVING)
+        for status in self.registry:
+            await self.health.set(model_health_name(status.name), NOT_SERVING)
+        if self._health_server:
+            await self._health_server.start()
+        await self._server.start()
+        log.info(
+            "listening on %s (%s); loading %d model(s)",
+            self.settings.address,
+            self.security.describe(),
+            len(self.settings.models),
+        )
+        await self.registry.load_all(self._load_pool, self._report)
+        if not self.registry.serving:
+            failed = "; ".join(f"{s.name}: {s.error}" for s in self.registry)
+            raise ConfigError(f"no model could be loaded ({failed})")
+        for service in ("", INFERENCE, MODELS):
+            await self.health.set(service, SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, give in-flight ones the grace period to finish."""

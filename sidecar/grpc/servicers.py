@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from sidecar.dataplane.service import DataPlane
-from sidecar.errors import PROPAGATE
-from sidecar.grpc import to_domain, to_proto
-from sidecar.grpc.status import fail, translates_errors
+from sidecar.grpc import routes, to_domain, to_proto
+from sidecar.grpc.envelope import RERAISE, answered, grpc_calls
+from sidecar.grpc.status import fail
 from sidecar.grpc.stream import run_stream
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
@@ -20,79 +20,48 @@ from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def _unary(route: routes.Route) -> Callable[..., Awaitable[Message | None]]:
+    async def method(self: InferenceServicer, request: Message, context: Context) -> Any:
+        dataplane = self._dataplane
+        deadline = to_domain.deadline(context)
+        return await answered(
+            self._calls,
+            route.rpc,
+            request,
+            context,
+            lambda checked: routes.serve(route, dataplane, checked, deadline),
+        )
+
+    method.__name__ = method.__qualname__ = route.rpc
+    method.__doc__ = f"{route.rpc}, along its route."
+    return method
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    """sidecar.v1.Inference."""
+    """sidecar.v1.Inference: the unary calls come from the route table (set below)."""
 
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
-        self.admission = dataplane.admission
-        self.max_message_bytes = dataplane.settings.max_message_bytes
-        self.telemetry = dataplane.telemetry
-
-    @translates_errors
-    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        """Embeddings for each input."""
-        result = await self._dataplane.embed(to_domain.embed(request), to_domain.deadline(context))
-        return to_proto.embed(result)
-
-    @translates_errors
-    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        """Label scores for each input."""
-        result = await self._dataplane.classify(
-            to_domain.classify(request), to_domain.deadline(context)
-        )
-        return to_proto.classify(result)
-
-    @translates_errors
-    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        """Tokens for each input."""
-        result = await self._dataplane.tokenize(
-            to_domain.tokenize(request), to_domain.deadline(context)
-        )
-        return to_proto.tokenize(result)
-
-    @translates_errors
-    async def ExtractEntities(
-        self, request: pb.ExtractEntitiesRequest, context: Context
-    ) -> pb.ExtractEntitiesResponse:
-        """Entities in each input."""
-        result = await self._dataplane.extract_entities(
-            to_domain.extract_entities(request), to_domain.deadline(context)
-        )
-        return to_proto.extract_entities(result)
-
-    @translates_errors
-    async def Rerank(self, request: pb.RerankRequest, context: Context) -> pb.RerankResponse:
-        """Passages sorted by relevance to the query."""
-        result = await self._dataplane.rerank(
-            to_domain.rerank(request), to_domain.deadline(context)
-        )
-        return to_proto.rerank(result)
+        self._calls = grpc_calls(dataplane)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Tokens as they are generated; the last message says why generation ended."""
-        began, code, model = time.perf_counter(), grpc.StatusCode.OK, request.model
         try:
-            async with self.admission.call():
+            async with self._calls.call("Generate", request.model) as call:
                 generation = self._dataplane.generate(
                     to_domain.generate(to_domain.checked(request)), to_domain.deadline(context)
                 )
+                call.model = generation.model.name
                 # aclosing: a departed caller stops decoding now, not at garbage collection.
-                model = generation.model.name
                 async with contextlib.aclosing(generation.chunks()) as chunks:
                     async for chunk in chunks:
                         yield to_proto.generate(chunk)
-        except grpc.aio.AbortError:
-            raise
-        except PROPAGATE:
-            code = grpc.StatusCode.CANCELLED
+        except RERAISE:
             raise
         except BaseException as exc:  # a tokenizer's Rust panic is a BaseException
-            code = fail(context, exc)
-        finally:
-            self.telemetry.answered("Generate", model, code.name, time.perf_counter() - began)
+            fail(context, exc)
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Context
@@ -104,19 +73,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             request_iterator,
             settings.stream_max_in_flight,
             to_domain.deadline(context),
-            settings.max_message_bytes,
+            self._calls,
         )
         try:
             # aclosing: a departed client cancels in-flight items now, not at garbage collection.
-            async with self.admission.call(), contextlib.aclosing(responses):
+            async with (
+                self._calls.call("Stream", "", counted=False),
+                contextlib.aclosing(responses),
+            ):
                 async for response in responses:
                     yield response
-        except grpc.aio.AbortError:
-            raise
-        except PROPAGATE:
+        except RERAISE:
             raise
         except BaseException as exc:
             fail(context, exc)
+
+
+for _route in routes.UNARY:
+    setattr(InferenceServicer, _route.rpc, _unary(_route))
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):
@@ -124,27 +98,33 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
 
     def __init__(self, dataplane: DataPlane) -> None:
         self._registry = dataplane.registry
-        self.admission = dataplane.admission
-        self.max_message_bytes = dataplane.settings.max_message_bytes
-        self.telemetry = dataplane.telemetry
+        self._calls = grpc_calls(dataplane)
 
-    @translates_errors
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
         """Every configured model."""
-        return models_pb2.ListModelsResponse(
-            models=[to_proto.model_info(status) for status in self._registry],
-            default_model=self._registry.default_name,
-        )
 
-    @translates_errors
+        async def work(_: models_pb2.ListModelsRequest) -> models_pb2.ListModelsResponse:
+            return models_pb2.ListModelsResponse(
+                models=[to_proto.model_info(status) for status in self._registry],
+                default_model=self._registry.default_name,
+            )
+
+        answer = await answered(self._calls, "ListModels", request, context, work)
+        return answer  # type: ignore[return-value]  # None once the status is set
+
     async def GetModel(
         self, request: models_pb2.GetModelRequest, context: Context
     ) -> models_pb2.GetModelResponse:
         """One model by name."""
-        status = self._registry.status(request.model)
-        return models_pb2.GetModelResponse(model=to_proto.model_info(status))
+
+        async def work(checked: models_pb2.GetModelRequest) -> models_pb2.GetModelResponse:
+            status = self._registry.status(checked.model)
+            return models_pb2.GetModelResponse(model=to_proto.model_info(status))
+
+        answer = await answered(self._calls, "GetModel", request, context, work)
+        return answer  # type: ignore[return-value]  # None once the status is set
 
 
 class _Registrations:
@@ -184,7 +164,9 @@ def add_servicers(dataplane: DataPlane, server: grpc.aio.Server) -> None:
     answered INVALID_ARGUMENT: gRPC would answer UNKNOWN for a deserializer that raises.
     """
     collected: Any = _Registrations()
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(dataplane), collected)
+    # The unary methods are set from the route table, where mypy cannot see them.
+    servicer = InferenceServicer(dataplane)  # type: ignore[abstract]
+    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, collected)
     models_pb2_grpc.add_ModelsServicer_to_server(ModelsServicer(dataplane), collected)
     for service, handlers in collected.services.items():
         lenient = {name: _lenient(handler) for name, handler in handlers.items()}

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from sidecar import errors
-from sidecar.grpc.to_domain import checked
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +25,27 @@ CODES: dict[type[errors.SidecarError], grpc.StatusCode] = {
 }
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Code and caller-facing message for any exception; unexpected ones are logged, not leaked."""
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code for an exception (nothing logged: status_of logs what is unexpected)."""
     if isinstance(exc, errors.SidecarError):
         for kind in type(exc).__mro__:
             if kind in CODES:
-                return CODES[kind], str(exc)
+                return CODES[kind]
+    if isinstance(exc, grpc.aio.AbortError):  # a handler that aborted itself: code unknown
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
+
+
+def code_name(exc: BaseException) -> str:
+    """The status code's name, as metrics label a call."""
+    return code_of(exc).name
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Code and caller-facing message for any exception; unexpected ones are logged, not leaked."""
+    code = code_of(exc)
+    if code is not grpc.StatusCode.INTERNAL:
+        return code, str(exc)
     ref = uuid.uuid4().hex[:12]
     log.error("internal error (ref %s)", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details"
@@ -45,19 +55,6 @@ def rpc_status(exc: BaseException) -> status_pb2.Status:
     """A google.rpc.Status for a per-item error on Stream."""
     code, message = status_of(exc)
     return status_pb2.Status(code=code.value[0], message=message)
-
-
-def check_answer_size(answer: Message, limit: int, subject: str = "the answer") -> None:
-    """Refuse an answer gRPC could not send, as the caller's to fix (gRPC itself would end
-    the call with RESOURCE_EXHAUSTED, which reads as 'back off')."""
-    if (size := answer.ByteSize()) > limit:
-        raise errors.InvalidInputError(
-            f"{subject} would be {size} bytes, over max_message_bytes {limit}: "
-            "send fewer or shorter inputs, or set truncate"
-        )
-
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> grpc.StatusCode:
@@ -72,40 +69,3 @@ def fail(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> grp
     context.set_code(code)
     context.set_details(message)
     return code
-
-
-def translates_errors(handler: F) -> F:
-    """Wrap a unary servicer method: admit the call, refuse a request that could not be
-    parsed, bound the answer's size, and end every exception as a mapped status.
-
-    The servicer holds the dataplane's Admission as `self.admission`, the size limit as
-    `self.max_message_bytes` and the server's Telemetry as `self.telemetry` (each call is
-    counted and timed under its RPC name, model and status code).
-    """
-
-    @wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        began = time.perf_counter()
-        code = grpc.StatusCode.OK
-        model = getattr(request, "model", "")
-        try:
-            async with self.admission.call():
-                response = await handler(self, checked(request), context)
-            if response is not None:
-                check_answer_size(response, self.max_message_bytes)
-                metadata = getattr(response, "metadata", None)
-                model = getattr(metadata, "model", "") or model
-            return response
-        except grpc.aio.AbortError:  # a handler that aborted by itself: its code is not known
-            code = grpc.StatusCode.UNKNOWN
-            raise
-        except errors.PROPAGATE:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except BaseException as exc:
-            code = fail(context, exc)
-            return None
-        finally:
-            self.telemetry.answered(handler.__name__, model, code.name, time.perf_counter() - began)
-
-    return wrapper  # type: ignore[return-value]

@@ -23,18 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from google.protobuf.message import DecodeError
 
+from sidecar.dataplane.calls import CANCELLED, OK, Call, Calls
 from sidecar.dataplane.service import DataPlane
 from sidecar.errors import CancelledError, InvalidInputError, NotImplementedYetError
-from sidecar.grpc import to_domain, to_proto
-from sidecar.grpc.status import check_answer_size, rpc_status, status_of
+from sidecar.grpc import routes, to_domain, to_proto
+from sidecar.grpc.envelope import grpc_calls
+from sidecar.grpc.status import rpc_status
 from sidecar.v1 import inference_pb2 as pb
 
 _EOF = object()
@@ -54,31 +54,7 @@ def _cancelled(item_id: str) -> CancelledError:
     return CancelledError(f"item {item_id!r} was cancelled")
 
 
-ITEM_KINDS = ("embed", "classify", "tokenize", "extract_entities", "rerank", "generate", "cancel")
-
-
-async def _dispatch(
-    dataplane: DataPlane, request: pb.StreamRequest, kind: str, deadline: float | None
-) -> pb.StreamResponse:
-    item_id = request.id
-    if kind == "embed":
-        embedded = await dataplane.embed(to_domain.embed(request.embed), deadline)
-        return pb.StreamResponse(id=item_id, embed=to_proto.embed(embedded))
-    if kind == "classify":
-        classified = await dataplane.classify(to_domain.classify(request.classify), deadline)
-        return pb.StreamResponse(id=item_id, classify=to_proto.classify(classified))
-    if kind == "tokenize":
-        tokens = await dataplane.tokenize(to_domain.tokenize(request.tokenize), deadline)
-        return pb.StreamResponse(id=item_id, tokenize=to_proto.tokenize(tokens))
-    if kind == "extract_entities":
-        found = await dataplane.extract_entities(
-            to_domain.extract_entities(request.extract_entities), deadline
-        )
-        return pb.StreamResponse(id=item_id, extract_entities=to_proto.extract_entities(found))
-    if kind == "rerank":
-        ranked = await dataplane.rerank(to_domain.rerank(request.rerank), deadline)
-        return pb.StreamResponse(id=item_id, rerank=to_proto.rerank(ranked))
-    raise NotImplementedYetError(f"{kind} items are not available in this server version")
+ITEM_KINDS = (*routes.BY_ITEM, "generate", "cancel")
 
 
 class _StreamCall:
@@ -87,15 +63,15 @@ class _StreamCall:
     def __init__(
         self,
         dataplane: DataPlane,
+        calls: Calls,
         requests: AsyncIterator[pb.StreamRequest],
         limit: int,
         deadline: float | None,
-        max_message_bytes: int,
     ) -> None:
         self.dataplane = dataplane
+        self.calls = calls
         self.requests = requests
         self.deadline = deadline
-        self.max_message_bytes = max_message_bytes
         self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.slots = asyncio.Semaphore(limit)  # running, or answered and not yet written
         self.room = asyncio.Semaphore(limit)  # read and not yet started
@@ -105,43 +81,35 @@ class _StreamCall:
         self.stopping: set[str] = set()  # generate items a cancel asked to end
 
     def error(
-        self, item_id: str, exc: BaseException, holds_slot: bool, holds_room: bool = False
+        self, item_id: str, exc: BaseException, *, holds_slot: bool, holds_room: bool = False
     ) -> None:
         response = pb.StreamResponse(id=item_id, error=rpc_status(exc))
-        self.out.put_nowait(_Answer(response, holds_slot, holds_room=holds_room))
+        self.out.put_nowait(_Answer(response, holds_slot=holds_slot, holds_room=holds_room))
 
-    def counted(
-        self, rpc: str, model: str, began: float, task: asyncio.Task[pb.StreamResponse]
-    ) -> None:
-        if task.cancelled():
-            code = grpc.StatusCode.CANCELLED
-        elif (exc := task.exception()) is not None:
-            code = status_of(exc)[0]
-        else:
-            code = grpc.StatusCode.OK
-            answer = task.result()
-            field = answer.WhichOneof("response")
-            if field and field != "error":  # the model that answered, the default resolved
-                model = getattr(answer, field).metadata.model or model
-        self.dataplane.telemetry.answered(rpc, model, code.name, time.perf_counter() - began)
-
-    def finish(self, item_id: str, task: asyncio.Task[pb.StreamResponse]) -> None:
+    def finish(self, item_id: str, call: Call, task: asyncio.Task[pb.StreamResponse]) -> None:
         # A done callback sees every ending, including a task cancelled before it started.
         del self.running[item_id]
         self.stopping.discard(item_id)
         if task.cancelled():
-            self.error(item_id, _cancelled(item_id), True)
+            call.end(CANCELLED)
+            self.error(item_id, _cancelled(item_id), holds_slot=True)
         elif (exc := task.exception()) is not None:
-            self.error(item_id, exc, True)
+            call.failed(exc)
+            self.error(item_id, exc, holds_slot=True)
         else:
+            answer = task.result()
+            field = answer.WhichOneof("response")
+            metadata = getattr(answer, field).metadata if field and field != "error" else None
             try:
                 # gRPC would end the whole call over one oversized answer: fail only this item.
                 subject = f"the answer to item {item_id!r}"
-                check_answer_size(task.result(), self.max_message_bytes, subject)
+                call.answered(answer.ByteSize(), metadata.model if metadata else "", subject)
             except InvalidInputError as too_big:
-                self.error(item_id, too_big, True)
+                call.failed(too_big)
+                self.error(item_id, too_big, holds_slot=True)
             else:
-                self.out.put_nowait(_Answer(task.result(), True))
+                call.end(OK)
+                self.out.put_nowait(_Answer(answer, holds_slot=True))
 
     async def generate(self, request: pb.StreamRequest) -> pb.StreamResponse:
         """Run a generate item: each step's answer goes out as it comes; returns the last."""
@@ -154,7 +122,7 @@ class _StreamCall:
                     if chunk.finish is not None:
                         return response
                     written = asyncio.get_running_loop().create_future()
-                    self.out.put_nowait(_Answer(response, False, written))
+                    self.out.put_nowait(_Answer(response, holds_slot=False, written=written))
                     await written
         except asyncio.CancelledError:
             if item_id not in self.stopping:
@@ -163,13 +131,21 @@ class _StreamCall:
             return pb.StreamResponse(id=item_id, generate=last)
         raise AssertionError("a generation ended without a last chunk")  # pragma: no cover
 
+    async def dispatch(self, request: pb.StreamRequest, kind: str) -> pb.StreamResponse:
+        """Run a unary item along its route."""
+        route = routes.BY_ITEM.get(kind)
+        if route is None:
+            raise NotImplementedYetError(f"{kind} items are not available in this server version")
+        answer = await routes.serve(route, self.dataplane, getattr(request, kind), self.deadline)
+        return pb.StreamResponse(id=request.id, **{kind: answer})  # type: ignore[arg-type]
+
     def cancel(self, item_id: str) -> None:
         if (task := self.running.get(item_id)) is not None:
             self.stopping.add(item_id)
             task.cancel()
         elif self.backlog.pop(item_id, None) is not None:
             # The waiting item's room passes to its answer.
-            self.error(item_id, _cancelled(item_id), False, holds_room=True)
+            self.error(item_id, _cancelled(item_id), holds_slot=False, holds_room=True)
 
     async def read(self) -> None:
         try:
@@ -193,7 +169,7 @@ class _StreamCall:
                             f"item {request.id!r} carries no request: "
                             f"set one of {', '.join(ITEM_KINDS)}"
                         ),
-                        False,
+                        holds_slot=False,
                         holds_room=True,
                     )
                 elif request.id in self.running or request.id in self.backlog:
@@ -224,17 +200,12 @@ class _StreamCall:
             self.room.release()
             request, kind = entry
             task = asyncio.create_task(
-                self.generate(request)
-                if kind == "generate"
-                else _dispatch(self.dataplane, request, kind, self.deadline)
+                self.generate(request) if kind == "generate" else self.dispatch(request, kind)
             )
             self.running[item_id] = task
             # Each item is counted and timed like a call: Stream.<kind> under its model.
-            model = getattr(request, kind).model
-            task.add_done_callback(
-                functools.partial(self.counted, f"Stream.{kind}", model, time.perf_counter())
-            )
-            task.add_done_callback(functools.partial(self.finish, item_id))
+            call = self.calls.item(f"Stream.{kind}", getattr(request, kind).model)
+            task.add_done_callback(functools.partial(self.finish, item_id, call))
 
     async def answers(self) -> AsyncGenerator[pb.StreamResponse, None]:
         helpers = [asyncio.create_task(self.read()), asyncio.create_task(self.start())]
@@ -264,7 +235,8 @@ def run_stream(
     requests: AsyncIterator[pb.StreamRequest],
     max_in_flight: int,
     deadline: float | None,
-    max_message_bytes: int = 1 << 62,
+    calls: Calls | None = None,
 ) -> AsyncGenerator[pb.StreamResponse, None]:
-    """Serve one Stream call; yields answers as items complete."""
-    return _StreamCall(dataplane, requests, max_in_flight, deadline, max_message_bytes).answers()
+    """Serve one Stream call; yields answers as items complete, each counted by `calls`."""
+    calls = calls or grpc_calls(dataplane)
+    return _StreamCall(dataplane, calls, requests, max_in_flight, deadline).answers()

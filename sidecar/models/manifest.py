@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -188,6 +189,60 @@ def format_version(manifest: dict[str, Any]) -> int:
     if not manifest["onnx_file"]:
         return 3
     return 1 if isinstance(manifest.get("quantization") or "none", str) else 2
+
+
+# manifest.json's keys as written, in this order: the format's one definition.
+KEYS = (
+    "format_version",
+    "name",
+    "task",
+    "source",
+    "exported_by",
+    "exported_at",
+    "onnx_file",
+    "onnx_encoder_file",
+    "weights",
+    "opset",
+    "quantization",
+    "max_length",
+    "labels",
+    "multi_label",
+    "pooling",
+    "dimensions",
+    "generation",
+    "chat_template",
+    "validation",
+    "files",
+)
+
+
+def file_entries(model_dir: Path) -> dict[str, dict[str, Any]]:
+    """The sha256 and size of every file of a model dir but the manifest, by relative name."""
+    return {
+        str(p.relative_to(model_dir)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and p != model_dir / MANIFEST
+    }
+
+
+def write_manifest(model_dir: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Write model_dir/manifest.json: `fields` (every key but format_version and files), the
+    checksum of every file, and the oldest format that holds it. The reader must take what
+    was written, so a writer and reader that drift apart fail the export, not a server."""
+    given = set(fields)
+    wanted = set(KEYS) - {"format_version", "files"}
+    if given != wanted:
+        raise ValueError(
+            f"manifest fields differ from the format: missing {sorted(wanted - given)}, "
+            f"unknown {sorted(given - wanted)}"
+        )
+    manifest: dict[str, Any] = {"format_version": 0}
+    manifest.update((key, fields[key]) for key in KEYS[1:-1])
+    manifest["files"] = file_entries(model_dir)
+    manifest["format_version"] = format_version(manifest)
+    (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    read_manifest(model_dir)
+    return manifest
 
 
 def _quantization(entry: Any) -> tuple[str, dict[str, Any]]:

@@ -8,8 +8,7 @@ from typing import Any
 
 from sidecar.errors import ModelLoadError
 from sidecar.model_files import read_json_object
-from sidecar.models.manifest import Manifest, Task
-from sidecar.tasks import pairs
+from sidecar.models.manifest import Manifest
 
 # Inputs the sidecar knows how to feed from a tokenizer's output.
 FEEDABLE_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
@@ -27,7 +26,10 @@ def preflight(
     pad_id: int | None,
     input_names: Iterable[str],
 ) -> None:
-    """Raise ModelLoadError naming the first problem that would make the model misbehave."""
+    """Raise ModelLoadError naming the first problem that would make the model misbehave.
+
+    What a task itself needs of the dir (labels, pooling) its task module checks.
+    """
     config = read_config(model_dir)
     model_vocab = config.get("vocab_size")
     if isinstance(model_vocab, int) and vocab_size > model_vocab:
@@ -58,18 +60,6 @@ def preflight(
             f"{model_dir}: the ONNX graph needs inputs {sorted(unknown)} the sidecar cannot "
             f"feed (it feeds {sorted(FEEDABLE_INPUTS)})"
         )
-    if manifest.task in (Task.CLASSIFY, Task.EXTRACT_ENTITIES) and not manifest.labels:
-        raise ModelLoadError(f"{model_dir}: a {manifest.task.value} model needs labels")
-    if manifest.task is Task.RERANK and len(manifest.labels) != 1:
-        raise ModelLoadError(
-            f"{model_dir}: a reranker scores each pair with one logit, but this model has "
-            f"{len(manifest.labels)} labels; export a cross-encoder with num_labels=1"
-        )
-    if manifest.task is Task.ZERO_SHOT and pairs.entailment_id(manifest.labels) < 0:
-        raise ModelLoadError(
-            f"{model_dir}: zero-shot classification needs an NLI model with an 'entailment' "
-            f"label; this one has {list(manifest.labels)}"
-        )
     suppressed = manifest.generation.suppressed_token_ids if manifest.generation else ()
     table = model_vocab if isinstance(model_vocab, int) else vocab_size
     outside = sorted(i for i in suppressed if not 0 <= i < table)
@@ -78,5 +68,3 @@ def preflight(
             f"{model_dir}: the manifest suppresses tokens {outside}, outside the model's "
             f"vocabulary of {table}: re-export the model dir"
         )
-    if manifest.task is Task.EMBED and manifest.pooling is None:
-        raise ModelLoadError(f"{model_dir}: an embedding model needs pooling in its manifest")

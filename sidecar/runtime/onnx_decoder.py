@@ -194,7 +194,7 @@ class OnnxSeq2SeqDecoder:
             )
 
     def _decode(
-        self, token: int, hidden: Array, mask: Array, past: dict[str, Array], cached: bool
+        self, token: int, hidden: Array, mask: Array, past: dict[str, Array], *, cached: bool
     ) -> tuple[npt.NDArray[np.float32], dict[str, Array]]:
         outputs = self._decoder.run(
             {

@@ -16,6 +16,7 @@ from sidecar.runtime.onnx import OnnxBackend
 from sidecar.runtime.onnx_decoder import OnnxCausalDecoder, OnnxSeq2SeqDecoder
 from sidecar.serving.generative import GenerativeModel, special_tokens
 from sidecar.serving.served import LoadedModel, ServedModel
+from sidecar.tasks import registry
 from sidecar.tasks.tokenization import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,8 @@ def _encoder_backend(
 def _decoder(
     backend: str, model_dir: Path, manifest: Manifest, device: str, threads: int, dtype: str
 ) -> Decoder:
-    defaults = manifest.generation
-    start = defaults.decoder_start_token_id if defaults else None
-    if manifest.task is Task.SEQ2SEQ and start is None:
-        raise ModelLoadError(f"{model_dir}: a seq2seq model needs decoder_start_token_id")
+    # registry.check_manifest refused a seq2seq dir without a decoder start token.
+    start = manifest.generation.decoder_start_token_id if manifest.generation else None
     if backend == "onnx":
         if manifest.task is Task.GENERATE:
             return OnnxCausalDecoder(model_dir / manifest.onnx_file, device, threads)
@@ -97,6 +96,7 @@ def load_model(
     manifest: Manifest,
     device: str,
     intra_op_threads: int,
+    *,
     verify_checksums: bool = True,
     backend: str = "auto",
     torch_dtype: str = "auto",
@@ -115,6 +115,7 @@ def load_model(
     model: LoadedModel
     if manifest.task.generative:
         preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, ())
+        registry.check_manifest(model_dir, manifest)
         decoder = _decoder(chosen, model_dir, manifest, device, intra_op_threads, torch_dtype)
         chat = None
         if manifest.chat_template:
@@ -126,6 +127,7 @@ def load_model(
             chosen, model_dir, manifest, device, intra_op_threads, torch_dtype
         )
         preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, runner.input_names)
+        registry.check_manifest(model_dir, manifest)
         model = ServedModel(name, model_dir, manifest, encoder, runner)
     loaded = time.perf_counter()
     model.warm_up()

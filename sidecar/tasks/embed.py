@@ -1,9 +1,26 @@
-"""Pooling token vectors into one embedding, as sentence-transformers' Pooling module does."""
+"""Embed: token vectors pooled into one embedding, as sentence-transformers' Pooling does."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
+
+from sidecar.domain import CallInfo, Embedding, EmbedRequest, EmbedResult
+from sidecar.errors import ModelLoadError
+from sidecar.models.manifest import Manifest, Task
+from sidecar.tasks.base import (
+    EncoderTask,
+    InputLimits,
+    Prepared,
+    TaskModel,
+    each_text,
+    output,
+)
+from sidecar.tasks.checks import check_inputs
+from sidecar.tasks.tokenization import EncodedBatch, EncodedText
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 
@@ -37,3 +54,55 @@ def normalize(vectors: FloatArray) -> FloatArray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     scaled: FloatArray = vectors / np.clip(norms, 1e-12, None)
     return scaled
+
+
+class EmbedTask(EncoderTask[EmbedRequest, EmbedResult]):
+    """Embeddings for a batch of texts."""
+
+    task = Task.EMBED
+    rpc = "Embed"
+    request_type = EmbedRequest
+
+    def check_manifest(self, model_dir: Path, manifest: Manifest) -> None:
+        if manifest.pooling is None:
+            raise ModelLoadError(f"{model_dir}: an embedding model needs pooling in its manifest")
+
+    def check(self, request: EmbedRequest, limits: InputLimits) -> None:
+        check_inputs(request.inputs, limits.max_inputs)
+
+    def prepare(self, model: TaskModel, request: EmbedRequest, limits: InputLimits) -> Prepared:
+        return each_text(model, request.inputs, truncate=request.truncate)
+
+    def reduce(
+        self,
+        model: TaskModel,
+        outputs: Mapping[str, FloatArray],
+        batch: EncodedBatch,
+        items: Sequence[EncodedText],
+    ) -> FloatArray:
+        # Pooled, not yet normalized: whether to normalize is each call's own choice.
+        pooling = model.manifest.pooling
+        assert pooling is not None  # check_manifest refused the model otherwise
+        return pool(output(outputs, "last_hidden_state"), batch.attention_mask, pooling.mode)
+
+    def finish(
+        self,
+        model: TaskModel,
+        rows: FloatArray,
+        items: Sequence[EncodedText],
+        request: EmbedRequest,
+        prepared: Prepared,
+        info: CallInfo,
+    ) -> EmbedResult:
+        pooling = model.manifest.pooling
+        assert pooling is not None
+        if pooling.normalize if request.normalize is None else request.normalize:
+            rows = normalize(rows)
+        result = [
+            Embedding(values=rows[i], token_count=item.length, truncated=item.truncated)
+            for i, item in enumerate(items)
+        ]
+        return EmbedResult(embeddings=result, dimensions=int(rows.shape[1]), info=info)
+
+
+TASK = EmbedTask()

@@ -11,14 +11,34 @@ then adjacent words of one type merge). Entities labelled "O" are dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from sidecar.domain import Entity
-from sidecar.tasks.tokenization import EncodedText
+from sidecar.domain import (
+    CallInfo,
+    Entity,
+    EntityList,
+    ExtractEntitiesRequest,
+    ExtractEntitiesResult,
+)
+from sidecar.errors import InvalidInputError
+from sidecar.models.manifest import Manifest, Task
+from sidecar.tasks.base import (
+    EncoderTask,
+    InputLimits,
+    Prepared,
+    Rows,
+    TaskModel,
+    check_labels,
+    each_text,
+    output,
+)
+from sidecar.tasks.checks import check_inputs
+from sidecar.tasks.tokenization import EncodedBatch, EncodedText
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
 OUTSIDE = "O"
@@ -151,3 +171,71 @@ def extract(
         for p in pieces
         if p.label != OUTSIDE
     ]
+
+
+class EntitiesTask(EncoderTask[ExtractEntitiesRequest, ExtractEntitiesResult]):
+    """Entities in each of a batch of texts, from a token classifier."""
+
+    task = Task.EXTRACT_ENTITIES
+    rpc = "ExtractEntities"
+    request_type = ExtractEntitiesRequest
+
+    def check_manifest(self, model_dir: Path, manifest: Manifest) -> None:
+        check_labels(model_dir, manifest)
+
+    def check(self, request: ExtractEntitiesRequest, limits: InputLimits) -> None:
+        check_inputs(request.inputs, limits.max_inputs)
+        if request.aggregation not in STRATEGIES:
+            raise InvalidInputError(
+                f"aggregation {request.aggregation!r} is not one of {', '.join(STRATEGIES)}"
+            )
+
+    def prepare(
+        self, model: TaskModel, request: ExtractEntitiesRequest, limits: InputLimits
+    ) -> Prepared:
+        return each_text(model, request.inputs, truncate=request.truncate, with_offsets=True)
+
+    def reduce(
+        self,
+        model: TaskModel,
+        outputs: Mapping[str, Rows],
+        batch: EncodedBatch,
+        items: Sequence[EncodedText],
+    ) -> Rows:
+        # Label probabilities per token, padded to the model's max length so every batch's
+        # rows have one shape; each input's own tokens are read back by length.
+        probs = softmax(output(outputs, "logits").astype(np.float32))
+        rows = np.zeros((len(items), model.encoder.max_length, probs.shape[-1]), np.float32)
+        rows[:, : probs.shape[1]] = probs
+        return rows
+
+    def finish(
+        self,
+        model: TaskModel,
+        rows: Rows,
+        items: Sequence[EncodedText],
+        request: ExtractEntitiesRequest,
+        prepared: Prepared,
+        info: CallInfo,
+    ) -> ExtractEntitiesResult:
+        encoder = model.encoder
+        results = [
+            EntityList(
+                entities=extract(
+                    text,
+                    rows[i][: item.length],
+                    item,
+                    model.manifest.labels,
+                    request.aggregation,
+                    encoder.continuing_subword_prefix,
+                    encoder.unk_id,
+                ),
+                token_count=item.length,
+                truncated=item.truncated,
+            )
+            for i, (item, text) in enumerate(zip(items, request.inputs, strict=True))
+        ]
+        return ExtractEntitiesResult(results=results, info=info)
+
+
+TASK = EntitiesTask()

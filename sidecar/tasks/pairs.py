@@ -51,7 +51,7 @@ def hypotheses(template: str, candidates: Sequence[str]) -> list[str]:
 
 
 def zero_shot(
-    logits: npt.NDArray[np.float32], entail: int, multi_label: bool
+    logits: npt.NDArray[np.float32], entail: int, *, multi_label: bool
 ) -> npt.NDArray[np.float32]:
     """Each candidate's probability from its NLI logits ([candidates, nli labels]).
 

@@ -96,7 +96,7 @@ def new_tokenizer(model_dir: Path, text: str) -> Tokenizer:
         ) from None
 
 
-def _encoded(encoding: Encoding, truncated: bool, with_offsets: bool) -> EncodedText:
+def _encoded(encoding: Encoding, *, truncated: bool, with_offsets: bool) -> EncodedText:
     ids = np.asarray(encoding.ids, dtype=np.int64)
     types = np.asarray(encoding.type_ids, dtype=np.int64)
     if not with_offsets:
@@ -146,7 +146,7 @@ class TextEncoder:
         it is configured once and never changed, so threads may share it)."""
         return self._full
 
-    def check_encodes(self, pairs: bool) -> None:
+    def check_encodes(self, *, pairs: bool) -> None:
         """Encode a text (and a pair, for pair tasks) with every instance, so a tokenizer
         whose templates are broken (the library panics) fails at load, not at each call."""
         tokenizers = [self._full, self._cut, *(self._pair_cut.values() if pairs else ())]
@@ -166,7 +166,7 @@ class TextEncoder:
                 "post-processor or templates are broken; export the model dir again"
             ) from None
 
-    def _encode(self, texts: Sequence[str], truncate: bool) -> tuple[list[Encoding], list[bool]]:
+    def _encode(self, texts: Sequence[str], *, truncate: bool) -> tuple[list[Encoding], list[bool]]:
         encodings: list[Encoding] = self._full.encode_batch(list(texts))
         truncated = [len(e.ids) > self.max_length for e in encodings]
         if not truncate:
@@ -184,14 +184,17 @@ class TextEncoder:
         return encodings, truncated
 
     def encode_each(
-        self, texts: Sequence[str], truncate: bool, with_offsets: bool = False
+        self, texts: Sequence[str], *, truncate: bool, with_offsets: bool = False
     ) -> list[EncodedText]:
         """Encode with special tokens, one unpadded input at a time (the batcher pads later)."""
-        encodings, truncated = self._encode(texts, truncate)
-        return [_encoded(e, cut, with_offsets) for e, cut in zip(encodings, truncated, strict=True)]
+        encodings, truncated = self._encode(texts, truncate=truncate)
+        return [
+            _encoded(e, truncated=cut, with_offsets=with_offsets)
+            for e, cut in zip(encodings, truncated, strict=True)
+        ]
 
     def encode_pairs(
-        self, pairs: Sequence[tuple[str, str]], truncate: bool, keep: str
+        self, pairs: Sequence[tuple[str, str]], *, truncate: bool, keep: str
     ) -> list[EncodedText]:
         """Encode (first, second) pairs; an over-long pair loses tokens from the side not kept.
 
@@ -216,7 +219,7 @@ class TextEncoder:
                         f"the {kept} leaves no room for the {cut} within the model's limit of "
                         f"{self.max_length} tokens: shorten the {kept}"
                     ) from None
-            result.append(_encoded(encoding, over, False))
+            result.append(_encoded(encoding, truncated=over, with_offsets=False))
         return result
 
     def pad(self, items: Sequence[EncodedText]) -> EncodedBatch:
@@ -235,12 +238,12 @@ class TextEncoder:
             types[row, :n] = item.type_ids
         return EncodedBatch(ids, mask, types, lengths, [item.truncated for item in items])
 
-    def encode(self, texts: Sequence[str], truncate: bool) -> EncodedBatch:
+    def encode(self, texts: Sequence[str], *, truncate: bool) -> EncodedBatch:
         """Encode with special tokens, pad to the longest, and report truncation."""
-        return self.pad(self.encode_each(texts, truncate))
+        return self.pad(self.encode_each(texts, truncate=truncate))
 
     def tokenize(
-        self, texts: Sequence[str], add_special_tokens: bool, truncate: bool
+        self, texts: Sequence[str], *, add_special_tokens: bool, truncate: bool
     ) -> list[Tokens]:
         """Tokens, ids and code-point offsets as the model would see them."""
         tokenizer = self._cut if truncate else self._full

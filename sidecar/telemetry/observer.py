@@ -8,8 +8,10 @@ on tracing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, Tracer
@@ -18,6 +20,30 @@ from sidecar.domain import CallInfo
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Stamps, record, trace_id
 
+
+class Truncatable(Protocol):
+    """An encoded input, as far as its call's span cares."""
+
+    @property
+    def truncated(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class GenerationSpans:
+    """How a generation went, for its span: wall-clock times in ns since the epoch."""
+
+    input_tokens: int
+    output_tokens: int
+    finish: str
+    ttft_s: float
+    truncated: bool
+    batch_size: int
+    began_ns: int
+    tokenized_ns: int
+    started_ns: int
+    ended_ns: int
+
+
 # Enough of the inputs to recognise a call when log_inputs is on, never whole documents.
 MAX_LOGGED_CHARS = 2000
 
@@ -25,7 +51,7 @@ MAX_LOGGED_CHARS = 2000
 class Telemetry:
     """Metrics and (optionally) traces of one server."""
 
-    def __init__(self, metrics: Metrics, provider: Any | None, log_inputs: bool) -> None:
+    def __init__(self, metrics: Metrics, provider: Any | None, *, log_inputs: bool) -> None:
         self.metrics = metrics
         self.provider = provider
         self.tracer: Tracer | None = provider.get_tracer("sidecar") if provider else None
@@ -78,7 +104,47 @@ class Telemetry:
         if self.log_inputs and inputs:
             span.set_attribute("sidecar.inputs", "\n".join(inputs)[:MAX_LOGGED_CHARS])
 
-    def call(self, stamps: Stamps, info: CallInfo, truncated: bool, answered_ns: int) -> None:
+    def batched(
+        self,
+        stamps: Stamps,
+        info: CallInfo,
+        items: Sequence[Truncatable],
+        inputs: Sequence[str],
+    ) -> None:
+        """A batched call answered: its model and inputs on its span, queue time, child spans."""
+        self.describe(info, inputs)
+        truncated = any(item.truncated for item in items)
+        self.call(stamps, info, truncated=truncated, answered_ns=time.time_ns())
+
+    def generation(self, info: CallInfo, inputs: Sequence[str], ended: GenerationSpans) -> None:
+        """A generation ended: tokens counted, and (when traced) its attributes and spans."""
+        self.metrics.generated(info.model, ended.output_tokens)
+        self.describe(info, inputs)
+        span = trace.get_current_span()
+        tracer = self.tracer
+        if tracer is None or not span.is_recording():
+            return
+        span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": ended.input_tokens,
+                "gen_ai.usage.output_tokens": ended.output_tokens,
+                "gen_ai.response.finish_reasons": [ended.finish],
+                "sidecar.time_to_first_token_ms": round(ended.ttft_s * 1000, 3),
+                "sidecar.truncated": ended.truncated,
+                "sidecar.batch_size": ended.batch_size,
+            }
+        )
+        record(tracer, "tokenize", ended.began_ns, ended.tokenized_ns)
+        record(tracer, "queue", ended.tokenized_ns, ended.started_ns)
+        record(
+            tracer,
+            "inference",
+            ended.started_ns,
+            ended.ended_ns,
+            {"gen_ai.usage.output_tokens": ended.output_tokens},
+        )
+
+    def call(self, stamps: Stamps, info: CallInfo, *, truncated: bool, answered_ns: int) -> None:
         """A batched call answered: queue time, and its child spans under the server span."""
         self.metrics.queued(info.model, max(stamps.started - stamps.enqueued, 0) / 1e9)
         tracer = self.tracer

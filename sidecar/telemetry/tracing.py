@@ -86,6 +86,7 @@ def record(
     start_ns: int,
     end_ns: int,
     attributes: Mapping[str, Any] | None = None,
+    *,
     links: Sequence[SpanContext] = (),
     error: BaseException | None = None,
     root: bool = False,

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sidecar import config
 from sidecar.v1.inference_pb2 import EmbedRequest
 from sidecar.v1.inference_pb2_grpc import InferenceStub
-from tests.processes import free_port, start_sidecar, wait_serving
+from tests.processes import free_port, start_sidecar, stop_sidecar, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "transformers-sidecar"
@@ -683,9 +683,7 @@ def test_a_real_server_answers_the_probes_and_the_app_as_the_chart_configures_it
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=spec["terminationGracePeriodSeconds"]) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)
         shutil.rmtree(socket_dir)
 
 
@@ -771,6 +769,4 @@ def test_a_real_server_with_the_charts_tls_and_token(
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=spec["terminationGracePeriodSeconds"]) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
+from tests.conftest import channel_to, serving
 
 WORDS = ["refund", "invoice", "login", "crash", "slow", "charge", "export", "password", "upgrade"]
 
@@ -100,10 +100,8 @@ async def tight(minilm_dir: Path) -> AsyncIterator[InferenceStub]:
         intra_op_threads=1,
         grace_period_s=1.0,
     )
-    server = await SidecarServer.start(settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with serving(settings) as server, channel_to(server) as channel:
         yield InferenceStub(channel)
-    await server.stop(grace=0)
 
 
 async def test_overload_is_refused_at_once_and_the_server_goes_on(tight: InferenceStub) -> None:

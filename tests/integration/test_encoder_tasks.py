@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
+from tests.conftest import channel_to, serving
 
 TEXTS = [
     "I was charged twice for my subscription this month.",
@@ -52,10 +52,8 @@ async def tasks_channel(
         max_rerank_passages=8,
         intra_op_threads=1,
     )
-    server = await SidecarServer.start(settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with serving(settings) as server, channel_to(server) as channel:
         yield channel
-    await server.stop(grace=0)
 
 
 @pytest.fixture(scope="module")

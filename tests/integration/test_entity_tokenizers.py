@@ -44,7 +44,8 @@ def test_entities_equal_the_pipeline(checkpoint: Path, strategy: str) -> None:
     )
     encoder = TextEncoder(checkpoint, 60)
     found_any = False
-    for text, item in zip(TEXTS, encoder.encode_each(TEXTS, True, with_offsets=True), strict=True):
+    encoded = encoder.encode_each(TEXTS, truncate=True, with_offsets=True)
+    for text, item in zip(TEXTS, encoded, strict=True):
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([item.ids.tolist()])).logits[0].numpy()
         ours = entities.extract(

@@ -21,7 +21,7 @@ from sidecar.models.manifest import read_manifest
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.checkpoints import build_bare_encoder, build_gemma, build_marian
-from tests.conftest import serving
+from tests.conftest import channel_to, local_settings, serving
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def exports(
 @pytest.fixture(scope="module")
 async def stub(exports: dict[str, tuple[Path, str]]) -> AsyncIterator[InferenceStub]:
     models = [ModelSettings(path=path, name=name) for name, (path, _) in exports.items()]
-    async with serving(*models) as (_, channel):
+    async with serving(local_settings(*models)) as server, channel_to(server) as channel:
         yield InferenceStub(channel)
 
 

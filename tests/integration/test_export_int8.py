@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,8 +14,10 @@ import pytest
 
 from export.errors import ExportError
 from export.quality import texts
+from sidecar.domain import ClassifyRequest, EmbedRequest
 from sidecar.models.manifest import read_manifest, verify_files
 from sidecar.serving.loader import load_model
+from sidecar.serving.served import LoadedModel, ServedModel
 from tests.conftest import export_quietly
 
 BIN = Path(sys.executable).parent
@@ -28,6 +31,12 @@ def classifier_int8_dir(classifier_source: Path, tmp_path_factory: pytest.TempPa
     return export_quietly(
         classifier_source, tmp_path_factory.mktemp("models") / "triage-int8", quantize="int8"
     )
+
+
+def direct(model: LoadedModel, request: object) -> Any:
+    """The model's answer to a request run as one batch."""
+    assert isinstance(model, ServedModel)
+    return model.direct(request)
 
 
 def on_disk(model_dir: Path) -> set[str]:
@@ -90,8 +99,8 @@ def test_int8_dir_serves_embeddings_close_to_fp32(minilm_int8_dir: Path, minilm_
     quantized = load_model("minilm-int8", minilm_int8_dir, read_manifest(minilm_int8_dir), "cpu", 2)
     reference = load_model("minilm", minilm_dir, read_manifest(minilm_dir), "cpu", 2)
     inputs = texts()
-    got = quantized.embed(inputs, normalize=True, truncate=True)
-    want = reference.embed(inputs, normalize=True, truncate=True)
+    request = EmbedRequest(model="", inputs=inputs, normalize=True, truncate=True)
+    got, want = direct(quantized, request), direct(reference, request)
     assert got.dimensions == want.dimensions == 384
     cosines = [
         float(np.dot(a.values, b.values))
@@ -142,8 +151,8 @@ def test_classifier_int8_records_agreement(classifier_int8_dir: Path, classifier
     quantized = load_model("q", classifier_int8_dir, manifest, "cpu", 1)
     reference = load_model("r", classifier_dir, read_manifest(classifier_dir), "cpu", 1)
     inputs = texts()
-    got = quantized.classify(inputs, top_k=1, truncate=True).results
-    want = reference.classify(inputs, top_k=1, truncate=True).results
+    request = ClassifyRequest(model="", inputs=inputs, top_k=1, truncate=True)
+    got, want = direct(quantized, request).results, direct(reference, request).results
     assert [r.labels[0].label for r in got] == [r.labels[0].label for r in want]
 
 

@@ -14,6 +14,7 @@ from sidecar.config import ModelSettings, Settings
 from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+from tests.conftest import channel_to, serving
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,12 @@ async def damaged_server(
         metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=broken, name="broken"), ModelSettings(path=multilabel_dir)),
     )
-    server = await SidecarServer.start(settings)
-    yield server
-    await server.stop(grace=0)
+    async with serving(settings) as server:
+        yield server
 
 
 async def test_damaged_model_is_failed_and_others_serve(damaged_server: SidecarServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{damaged_server.port}") as channel:
+    async with channel_to(damaged_server) as channel:
         listing = await models_pb2_grpc.ModelsStub(channel).ListModels(
             models_pb2.ListModelsRequest()
         )
@@ -70,7 +70,8 @@ async def test_no_loadable_model_refuses_to_start(tmp_path: Path) -> None:
         address="127.0.0.1:0", metrics_address="127.0.0.1:0", models=(ModelSettings(path=tmp_path),)
     )
     with pytest.raises(ConfigError, match=r"no model could be loaded.*has no manifest.json"):
-        await SidecarServer.start(settings)
+        async with serving(settings):
+            pass
 
 
 async def test_unexpected_load_errors_fail_only_that_model(
@@ -85,13 +86,10 @@ async def test_unexpected_load_errors_fail_only_that_model(
         models=(ModelSettings(path=garbled, name="garbled"), ModelSettings(path=multilabel_dir)),
         verify_checksums=False,
     )
-    server = await SidecarServer.start(settings)
-    try:
+    async with serving(settings) as server:
         assert server.registry.status("garbled").state.value == "failed"
         assert server.registry.status("garbled").error.endswith(
             "tokenizer.json is not a tokenizer the tokenizers library can read "
             "(key must be a string at line 1 column 2): export the model dir again"
         )
         assert server.registry.status("moderation").state.value == "serving"
-    finally:
-        await server.stop(grace=0)

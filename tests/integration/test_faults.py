@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sidecar.grpc.server import SidecarServer
 from sidecar.serving.served import ServedModel
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
+from tests.conftest import channel_to, serving
 
 
 async def test_an_inference_error_fails_that_batch_and_the_server_goes_on(
@@ -67,9 +69,9 @@ async def test_a_corrupt_graph_fails_its_model_with_a_clear_log_line(
         verify_checksums=False,
         models=(ModelSettings(path=corrupt, name="corrupt"), ModelSettings(path=multilabel_dir)),
     )
-    with caplog.at_level(logging.ERROR):
-        server = await SidecarServer.start(settings)
-    try:
+    async with AsyncExitStack() as stack:
+        with caplog.at_level(logging.ERROR):
+            server = await stack.enter_async_context(serving(settings))
         status = server.registry.status("corrupt")
         assert status.state.value == "failed"
         assert "model.onnx" in status.error
@@ -77,7 +79,7 @@ async def test_a_corrupt_graph_fails_its_model_with_a_clear_log_line(
         assert logged, caplog.text
         assert any("model.onnx" in line for line in logged), logged
         assert server.registry.status("moderation").state.value == "serving"
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with channel_to(server) as channel:
             inference = inference_pb2_grpc.InferenceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await inference.Classify(pb.ClassifyRequest(model="corrupt", inputs=["x"]))
@@ -85,5 +87,3 @@ async def test_a_corrupt_graph_fails_its_model_with_a_clear_log_line(
             assert "model 'corrupt' failed to load" in refused.value.details()
             ok = await inference.Classify(pb.ClassifyRequest(model="moderation", inputs=["x"]))
             assert ok.results
-    finally:
-        await server.stop(grace=0)

@@ -18,7 +18,7 @@ from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.checkpoints import build_gpt2
-from tests.conftest import export_quietly
+from tests.conftest import channel_to, export_quietly, serving
 
 PROMPTS = [
     "Refund request: order 1234 never arrived.",
@@ -63,14 +63,13 @@ async def generator(
         grace_period_s=1.0,
         intra_op_threads=1,
     )
-    server = await SidecarServer.start(settings)
-    yield server
-    await server.stop(grace=0)
+    async with serving(settings) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 async def stub(generator: SidecarServer) -> AsyncIterator[InferenceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{generator.port}") as channel:
+    async with channel_to(generator) as channel:
         yield InferenceStub(channel)
 
 
@@ -236,7 +235,7 @@ async def test_bad_parameters_are_invalid_argument(
 
 def steps(server: SidecarServer, model: str) -> int:
     generative = server.registry.resolve(model)
-    return server.dataplane.generations.scheduler(generative).steps  # type: ignore[arg-type]
+    return generative.engine.steps  # type: ignore[attr-defined]
 
 
 async def settled_steps(server: SidecarServer, model: str) -> int:
@@ -401,7 +400,7 @@ async def test_closing_a_scheduler_fails_the_running_step_instead_of_hanging(
             model.prompt(request, 8),
             resolve(request, model.defaults),  # type: ignore[attr-defined]
         )
-        future = scheduler.advance(sequence)
+        future = scheduler.submit(sequence)
         for _ in range(1000):  # until the prefill is on the model thread
             if scheduler._running:
                 break
@@ -411,7 +410,7 @@ async def test_closing_a_scheduler_fails_the_running_step_instead_of_hanging(
         with pytest.raises(ModelNotReadyError, match="stopped"):
             await asyncio.wait_for(future, 5)
         with pytest.raises(ModelNotReadyError, match="shutting down"):
-            scheduler.advance(sequence)
+            scheduler.submit(sequence)
 
 
 class Panic(BaseException):
@@ -453,7 +452,7 @@ async def test_a_panic_in_a_step_fails_its_generation_and_the_scheduler_goes_on(
             return model.sequence(model.prompt(request, 8), params)  # type: ignore[attr-defined]
 
         with pytest.raises(Panic):
-            await asyncio.wait_for(scheduler.advance(sequence()), 5)
-        chunk = await asyncio.wait_for(scheduler.advance(sequence()), 5)
+            await asyncio.wait_for(scheduler.submit(sequence()), 5)
+        chunk = await asyncio.wait_for(scheduler.submit(sequence()), 5)
         assert chunk.token_ids
         await scheduler.close()

@@ -19,7 +19,7 @@ from sidecar.models.manifest import MANIFEST, sha256_file
 from sidecar.serving.loader import check_torch_files
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
-from tests.conftest import serving
+from tests.conftest import channel_to, local_settings, serving
 
 
 def manifest_of(model_dir: Path) -> dict:
@@ -245,7 +245,8 @@ async def channel(
         ModelSettings(path=linked_dir, name="current"),
         ModelSettings(multilabel_dir),
     ]
-    async with serving(*models, default_model="moderation") as (_, channel):
+    settings = local_settings(*models, default_model="moderation")
+    async with serving(settings) as server, channel_to(server) as channel:
         yield channel
 
 

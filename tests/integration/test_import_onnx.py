@@ -22,7 +22,7 @@ from sidecar.config import ModelSettings
 from sidecar.models.manifest import read_manifest, verify_files
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
-from tests.conftest import export_quietly, serving
+from tests.conftest import channel_to, export_quietly, local_settings, serving
 from tests.graph_surgery import broken_copy, ignore_input, swap_inputs
 from tests.integration.test_export import fake_hub_cache
 
@@ -258,11 +258,12 @@ def minilm_import(minilm_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
 async def imported_stub(
     gpt2_import: Path, minilm_import: Path, minilm_dir: Path
 ) -> AsyncIterator[InferenceStub]:
-    async with serving(
+    settings = local_settings(
         ModelSettings(path=gpt2_import, name="gpt2"),
         ModelSettings(path=minilm_import, name="imported"),
         ModelSettings(path=minilm_dir, name="exported"),
-    ) as (_, channel):
+    )
+    async with serving(settings) as server, channel_to(server) as channel:
         yield InferenceStub(channel)
 
 

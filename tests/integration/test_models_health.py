@@ -18,6 +18,7 @@ from sidecar.v1 import common_pb2, inference_pb2, models_pb2
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from sidecar.v1.models_pb2_grpc import ModelsStub
 from tests.checkpoints import LABELS
+from tests.conftest import channel_to, serving
 
 
 async def test_list_models(models: ModelsStub) -> None:
@@ -92,18 +93,14 @@ async def test_connections_are_recycled_after_max_connection_age(settings: Setti
 
     async def connection_after_a_call(age: float) -> grpc.ChannelConnectivity:
         aged = dataclasses.replace(settings, max_connection_age_s=age, metrics_address="")
-        server = await SidecarServer.start(aged)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                embed = InferenceStub(channel).Embed
-                await embed(inference_pb2.EmbedRequest(inputs=["first"]))
-                await asyncio.sleep(1.5)  # core jitters the age by up to 10%
-                state = channel.get_state()
-                answer = await embed(inference_pb2.EmbedRequest(inputs=["after"]))
-                assert answer.dimensions == 384
-                return state
-        finally:
-            await server.stop(grace=0)
+        async with serving(aged) as server, channel_to(server) as channel:
+            embed = InferenceStub(channel).Embed
+            await embed(inference_pb2.EmbedRequest(inputs=["first"]))
+            await asyncio.sleep(1.5)  # core jitters the age by up to 10%
+            state = channel.get_state()
+            answer = await embed(inference_pb2.EmbedRequest(inputs=["after"]))
+            assert answer.dimensions == 384
+            return state
 
     assert await connection_after_a_call(0.3) == grpc.ChannelConnectivity.IDLE
     assert await connection_after_a_call(0) == grpc.ChannelConnectivity.READY

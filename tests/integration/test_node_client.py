@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
-from tests.processes import free_port, start_sidecar, wait_serving
+from tests.processes import free_port, start_sidecar, stop_sidecar, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "node"
@@ -87,8 +88,7 @@ def test_node_client_against_a_live_sidecar(
             timeout=300,
         )
     finally:
-        process.kill()
-        process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)
     report = done.stdout + done.stderr
     assert done.returncode == 0, report
     counts = dict(re.findall(r"^# (pass|fail|tests) (\d+)$", done.stdout, re.MULTILINE))

@@ -16,7 +16,7 @@ import pytest
 
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
-from tests.processes import free_port, start_sidecar, wait_serving
+from tests.processes import free_port, start_sidecar, stop_sidecar, wait_serving
 from tools.soak import (
     EXPECTED,
     GENERATION_SLOTS,
@@ -46,9 +46,7 @@ def sidecar(minilm_dir: Path, tmp_path: Path) -> Iterator[tuple[str, subprocess.
         wait_serving(address, process)
         yield address, process
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)
 
 
 def test_overload_every_call_ends_with_an_expected_code(
@@ -144,6 +142,4 @@ def test_mixed_soak_accounts_for_every_kind_of_call(
             )
         assert answer.dimensions == 384
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)

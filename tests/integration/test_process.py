@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
-from tests.processes import BIN, free_port, start_sidecar, wait_serving
+from tests.processes import BIN, free_port, start_sidecar, stop_sidecar, wait_serving
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +42,7 @@ def sidecar_process(
         wait_serving(address, process)
         yield address, process
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)
 
 
 def test_client_command_prints_an_embedding(
@@ -110,8 +108,7 @@ def test_client_generate_streams_text_and_onnx_serving_never_loads_torch(
         maps = Path(f"/proc/{process.pid}/maps").read_text()
         assert "libtorch" not in maps
     finally:
-        process.kill()
-        process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)
 
 
 def test_client_entities_and_rerank_commands(
@@ -145,8 +142,7 @@ def test_client_entities_and_rerank_commands(
         assert len(ranked["results"]) == 2  # type: ignore[arg-type]
         assert ranked["metadata"]["model"] == "ranker"  # type: ignore[index]
     finally:
-        process.kill()
-        process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)
 
 
 def test_health_listener_serves_only_health(
@@ -251,8 +247,7 @@ def test_sigterm_while_models_load_exits_cleanly(
         assert "model smollm2 ready" not in text
         assert "SERVING after" not in text
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_sidecar(process, signum=signal.SIGKILL)
 
 
 def test_unix_socket_and_cold_start(minilm_dir: Path, tmp_path: Path) -> None:
@@ -280,8 +275,7 @@ def test_unix_socket_and_cold_start(minilm_dir: Path, tmp_path: Path) -> None:
         assert "shutting down" in log
         assert "stopped" in log
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_sidecar(process, signum=signal.SIGKILL)
 
 
 def base_distributions() -> set[str]:
@@ -319,7 +313,7 @@ async def main():
     model = ModelSettings(path=Path({str(minilm_dir)!r}))
     settings = Settings(address="127.0.0.1:0", metrics_address="", models=(model,))
     server = await SidecarServer.start(settings)
-    result = await server.dataplane.embed(EmbedRequest(model="", inputs=["hello"]))
+    result = await server.dataplane.run(EmbedRequest(model="", inputs=["hello"]))
     await server.stop(grace=0)
     owners = metadata.packages_distributions()
     # Not needs: setuptools' .pth loads _distutils_hack at start-up in any venv, and grpc

@@ -24,7 +24,7 @@ from sidecar.v1 import models_pb2
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from sidecar.v1.models_pb2_grpc import ModelsStub
 from tests import real_models
-from tests.conftest import serving
+from tests.conftest import channel_to, local_settings, serving
 
 pytestmark = pytest.mark.slow
 
@@ -111,13 +111,14 @@ async def real(
     smollm2_dir: Path, pii_dir: Path, minilm_dir: Path
 ) -> AsyncIterator[tuple[SidecarServer, grpc.aio.Channel]]:
     # Named as `make export-real` names them, for the README's recipes.
-    async with serving(
+    settings = local_settings(
         ModelSettings(path=smollm2_dir, name="smollm2"),
         ModelSettings(path=pii_dir, name="pii"),
         ModelSettings(path=minilm_dir, name="all-minilm-l6-v2"),
         intra_op_threads=2,
-    ) as running:
-        yield running
+    )
+    async with serving(settings) as server, channel_to(server) as channel:
+        yield server, channel
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from sidecar.grpc.server import SidecarServer
 from sidecar.telemetry.logs import JsonFormatter
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
+from tests.conftest import channel_to, serving
 from tools.otlp_receiver import OtlpReceiver
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -46,13 +47,8 @@ async def traced(
         "OTEL_SERVICE_NAME": "support-api-sidecar",
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    # The SDK reads these from the process environment when the server starts.
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        server = await SidecarServer.start(settings)
-    yield server
-    await server.stop(grace=0)
+    async with serving(settings, env) as server:
+        yield server
 
 
 def traceparent(span: str = CALLER_SPAN) -> tuple[tuple[str, str], ...]:
@@ -62,7 +58,7 @@ def traceparent(span: str = CALLER_SPAN) -> tuple[tuple[str, str], ...]:
 async def test_a_call_joins_the_callers_trace_with_its_child_spans(
     traced: SidecarServer, receiver: OtlpReceiver
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.port}") as channel:
+    async with channel_to(traced) as channel:
         stub = InferenceStub(channel)
         await stub.Embed(pb.EmbedRequest(inputs=[SECRET, "short"]), metadata=traceparent())
     spans = await receiver.wait_for(
@@ -96,7 +92,7 @@ async def test_a_call_joins_the_callers_trace_with_its_child_spans(
 async def test_errors_are_recorded_with_their_status(
     traced: SidecarServer, receiver: OtlpReceiver
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.port}") as channel:
+    async with channel_to(traced) as channel:
         stub = InferenceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Embed(
@@ -110,7 +106,7 @@ async def test_errors_are_recorded_with_their_status(
 async def test_generation_records_tokens_and_time_to_first_token(
     traced: SidecarServer, receiver: OtlpReceiver
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.port}") as channel:
+    async with channel_to(traced) as channel:
         stub = InferenceStub(channel)
         call = stub.Generate(
             pb.GenerateRequest(model="writer", prompt="Refund", max_new_tokens=5),
@@ -143,7 +139,7 @@ def total(samples: dict[tuple[tuple[str, str], ...], float], **labels: str) -> f
 
 async def test_metrics_count_known_calls(traced: SidecarServer) -> None:
     before = scrape(traced.metrics_port)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.port}") as channel:
+    async with channel_to(traced) as channel:
         stub = InferenceStub(channel)
         for _ in range(3):
             await stub.Embed(pb.EmbedRequest(inputs=["a refund", "an invoice"]))

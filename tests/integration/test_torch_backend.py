@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import models_pb2
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from sidecar.v1.models_pb2_grpc import ModelsStub
-from tests.conftest import export_quietly
+from tests.conftest import channel_to, export_quietly, serving
 
 TEXTS = [
     "Refund not received after 14 days.",
@@ -52,10 +51,8 @@ async def channel(dirs: dict[str, Path]) -> AsyncIterator[grpc.aio.Channel]:
         ),
         intra_op_threads=1,
     )
-    server = await SidecarServer.start(settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+    async with serving(settings) as server, channel_to(server) as chan:
         yield chan
-    await server.stop(grace=0)
 
 
 async def test_embeddings_match_the_onnx_backend(channel: grpc.aio.Channel) -> None:

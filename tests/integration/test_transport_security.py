@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import urllib.request
@@ -31,7 +32,8 @@ from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import models_pb2, models_pb2_grpc
 from sidecar.v1.inference_pb2_grpc import InferenceStub
-from tests.processes import BIN, free_port, start_sidecar, wait_serving
+from tests.conftest import serving
+from tests.processes import BIN, free_port, start_sidecar, stop_sidecar, wait_serving
 from tools.otlp_receiver import OtlpReceiver
 
 TOKEN = "0123456789abcdef-the-real-token"
@@ -155,9 +157,8 @@ async def tls_server(minilm_dir: Path, pki: Pki) -> AsyncIterator[SidecarServer]
         tls_key_file=str(pki.server_key),
         health_address="127.0.0.1:0",
     )
-    server = await SidecarServer.start(settings)
-    yield server
-    await server.stop(grace=0)
+    async with serving(settings) as server:
+        yield server
 
 
 async def test_tls_serves_a_client_that_trusts_the_ca_and_refuses_plain_text(
@@ -196,9 +197,8 @@ async def mtls_server(minilm_dir: Path, pki: Pki) -> AsyncIterator[SidecarServer
         tls_key_file=str(pki.server_key),
         tls_client_ca_file=str(pki.ca_file),
     )
-    server = await SidecarServer.start(settings)
-    yield server
-    await server.stop(grace=0)
+    async with serving(settings) as server:
+        yield server
 
 
 async def test_mtls_serves_a_client_certificate_from_the_ca(
@@ -235,17 +235,16 @@ async def test_tls_on_a_unix_socket(minilm_dir: Path, pki: Pki) -> None:
         tls_cert_file=str(pki.server_cert),
         tls_key_file=str(pki.server_key),
     )
-    server = await SidecarServer.start(settings)
     try:
-        credentials = grpc.ssl_channel_credentials(pki.ca_pem)
-        # A socket path is no host name: the client checks the certificate for localhost.
-        options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", "localhost"))
-        async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
-            assert (await embed(channel)).dimensions == 384
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-            assert await refused(channel) == grpc.StatusCode.UNAVAILABLE
+        async with serving(settings):
+            credentials = grpc.ssl_channel_credentials(pki.ca_pem)
+            # A socket path is no host name: the client checks the certificate for localhost.
+            options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", "localhost"))
+            async with grpc.aio.secure_channel(address, credentials, options=options) as channel:
+                assert (await embed(channel)).dimensions == 384
+            async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+                assert await refused(channel) == grpc.StatusCode.UNAVAILABLE
     finally:
-        await server.stop(grace=0)
         shutil.rmtree(socket_dir)
 
 
@@ -265,8 +264,7 @@ async def test_certificates_are_reloaded_when_the_files_change(
     settings = settings_for(
         ModelSettings(path=minilm_dir), tls_cert_file=str(cert), tls_key_file=str(key)
     )
-    server = await SidecarServer.start(settings)
-    try:
+    async with serving(settings) as server:
         async with tls_channel(server.port, pki.ca_pem) as channel:
             assert (await embed(channel)).dimensions == 384
         # Renewed by another CA: new connections get the new certificate.
@@ -286,8 +284,6 @@ async def test_certificates_are_reloaded_when_the_files_change(
         (logged,) = [r for r in caplog.records if r.name == "sidecar.grpc.auth"]
         assert "keeping the ones loaded" in logged.getMessage()
         assert f"tls_key_file {key} is not the private key" in logged.getMessage()
-    finally:
-        await server.stop(grace=0)
 
 
 # ---- the bearer token ----------------------------------------------------------------
@@ -315,12 +311,8 @@ async def token_server(
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        server = await SidecarServer.start(settings)
-    yield server
-    await server.stop(grace=0)
+    async with serving(settings, env) as server:
+        yield server
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -544,7 +536,8 @@ async def test_bad_files_stop_the_start_with_a_clear_message(
     }[case]
     # The files are checked before anything starts, so no model is needed to see it.
     with pytest.raises(ConfigError) as refused_start:
-        await SidecarServer.start(settings_for(ModelSettings(path=d / "no-model"), **settings))
+        async with serving(settings_for(ModelSettings(path=d / "no-model"), **settings)):
+            pass
     assert message.format(dir=d) in str(refused_start.value)
 
 
@@ -572,10 +565,10 @@ async def test_an_unprotected_listener_beyond_loopback_is_warned_about(
         "tls": {"tls_cert_file": str(pki.server_cert), "tls_key_file": str(pki.server_key)},
     }[protection]
     with caplog.at_level(logging.WARNING, logger="sidecar.grpc.server"):
-        server = await SidecarServer.start(
+        async with serving(
             settings_for(ModelSettings(path=minilm_dir), address=address, **overrides)
-        )
-        await server.stop(grace=0)
+        ):
+            pass
     warnings = [r.getMessage() for r in caplog.records if r.name == "sidecar.grpc.server"]
     warnings = [w for w in warnings if "beyond loopback" in w]
     assert bool(warnings) == warned
@@ -640,8 +633,7 @@ def test_client_flags_against_sidecar_serve_with_mtls_and_a_token(
         assert half.returncode == 2
         assert "--tls-cert and --tls-key go together" in half.stderr
     finally:
-        process.kill()
-        process.wait()
+        stop_sidecar(process, signum=signal.SIGKILL)
     assert TOKEN not in (tmp_path / "serve.log").read_text()
 
 

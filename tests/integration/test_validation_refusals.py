@@ -24,7 +24,9 @@ TOL = Tolerance(DEFAULT_ATOL, DEFAULT_RTOL)
 
 def check(source: Path, model_dir: Path) -> dict[str, object]:
     info = checkpoint.inspect(source, Task.GENERATE)
-    return validate_generation.validate(source, model_dir, info, TOL, VALIDATED_TOKENS, False)
+    return validate_generation.validate(
+        source, model_dir, info, TOL, VALIDATED_TOKENS, trust_remote_code=False
+    )
 
 
 def test_the_intact_graph_passes(gpt2_source: Path, gpt2_dir: Path) -> None:

@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from sidecar.batching.batcher import Batcher, BatchLimits, BatchOutput
+from sidecar.batching.batcher import Batcher, BatchLimits, BatchOutput, Work
 from sidecar.batching.planner import MAX_ADDED_COST, plan
 from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+from sidecar.generation.scheduler import next_job
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def make(
 async def submit(
     batcher: Batcher[Text], texts: Sequence[Text], deadline: float | None = None
 ) -> np.ndarray:
-    job = await batcher.submit(len(texts), lambda: list(texts), deadline)
+    job = await batcher.submit(Work(len(texts), lambda: list(texts), deadline))
     assert list(job.inputs) == list(texts)
     return job.rows
 
@@ -225,7 +226,9 @@ async def test_a_deadline_already_passed_is_refused_before_tokenizing(
     batcher = make(model, pools)
     prepared: list[int] = []
     with pytest.raises(DeadlineExceededError):
-        await batcher.submit(1, lambda: prepared.append(1) or [Text(1, 1)], time.monotonic() - 1)
+        await batcher.submit(
+            Work(1, lambda: prepared.append(1) or [Text(1, 1)], time.monotonic() - 1)
+        )
     assert not prepared
     assert batcher.depth == 0
 
@@ -376,3 +379,20 @@ async def test_a_closed_batcher_refuses_new_calls(
     await batcher.close()
     with pytest.raises(ModelNotReadyError, match="stopped before the call ran"):
         await submit(batcher, [Text(1, 1)])
+
+
+@pytest.mark.parametrize(
+    ("fresh", "prefilled_last", "want"),
+    [
+        ([], False, ([], False)),
+        ([True, True], False, ([0], True)),  # one prefill at a time
+        ([True, True], True, ([0], True)),  # nothing else waits: prefills go on
+        ([False, True, False], False, ([1], True)),  # a prompt waits at most one step
+        ([False, True, False], True, ([0, 2], False)),  # then the running ones take a turn
+        ([False] * 5, True, ([0, 1, 2], False)),  # at most max_batch steps share a run
+    ],
+)
+def test_the_next_decode_job_alternates_prefills_and_shared_steps(
+    fresh: list[bool], prefilled_last: bool, want: tuple[list[int], bool]
+) -> None:
+    assert next_job(fresh, prefilled_last=prefilled_last, max_batch=3) == want

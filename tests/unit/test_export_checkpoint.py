@@ -388,16 +388,18 @@ def test_backend_plan(tmp_path: Path) -> None:
     (ckpt / "model.safetensors").write_bytes(b"")
     info = checkpoint.CheckpointInfo(task=Task.EMBED, max_length=32)
     lines = io.StringIO()
-    assert pipeline._plan("auto", ckpt, info, False, Progress(5, lines)) == (False, True)
+    planned = pipeline._plan("auto", ckpt, info, int8=False, progress=Progress(5, lines))
+    assert planned == (False, True)
     assert "falling back to the PyTorch backend" in lines.getvalue()
     with pytest.raises(ExportError, match="--quantize int8 needs an ONNX model"):
-        pipeline._plan("auto", ckpt, info, True, Progress(5, lines))
+        pipeline._plan("auto", ckpt, info, int8=True, progress=Progress(5, lines))
     with pytest.raises(ExportError, match="pass --backend torch"):
-        pipeline._plan("onnx", ckpt, info, False, Progress(5, lines))
-    assert pipeline._plan("torch", ckpt, info, False, Progress(5, lines)) == (False, True)
+        pipeline._plan("onnx", ckpt, info, int8=False, progress=Progress(5, lines))
+    planned = pipeline._plan("torch", ckpt, info, int8=False, progress=Progress(5, lines))
+    assert planned == (False, True)
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(ExportError, match="convert the checkpoint to safetensors"):
-        pipeline._plan("torch", ckpt, info, False, Progress(5, lines))
+        pipeline._plan("torch", ckpt, info, int8=False, progress=Progress(5, lines))
 
 
 def test_backend_and_int8_flags_are_checked_first(tmp_path: Path) -> None:
@@ -508,7 +510,7 @@ def test_forced_pair_tasks_need_matching_outputs(classifier_source: Path, nli_so
 def test_int8_is_refused_for_tasks_without_a_quality_measure(tmp_path: Path, task: Task) -> None:
     info = checkpoint.CheckpointInfo(task=task, max_length=32, labels=("a",))
     with pytest.raises(ExportError, match=f"embedding and classification models only, not {task}"):
-        pipeline._plan("onnx", tmp_path, info, True, Progress(5, io.StringIO()))
+        pipeline._plan("onnx", tmp_path, info, int8=True, progress=Progress(5, io.StringIO()))
 
 
 def test_encoder_tasks_export_with_optimum(tmp_path: Path) -> None:

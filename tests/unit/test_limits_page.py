@@ -9,10 +9,10 @@ import pytest
 
 from export.compare import DEFAULT_ATOL, DEFAULT_RTOL, VALIDATED_TOKENS
 from sidecar.config import Settings
-from sidecar.dataplane.validation import MAX_CANDIDATE_LABELS
 from sidecar.generation.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from sidecar.runtime.onnx_decoder import PREFILL_CHUNK
 from sidecar.serving.generative import WARM_UP_MAX_TOKENS
+from sidecar.tasks.checks import MAX_CANDIDATE_LABELS
 from sidecar.tasks.pairs import MAX_TEMPLATE_CHARS
 
 PAGE = (Path(__file__).resolve().parents[2] / "docs" / "limits.md").read_text()

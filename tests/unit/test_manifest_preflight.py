@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import ChecksumMismatchError, ModelLoadError
-from sidecar.models.manifest import FORMAT_VERSION, Task, read_manifest, sha256_file, verify_files
+from sidecar.models.manifest import (
+    FORMAT_VERSION,
+    KEYS,
+    Manifest,
+    Task,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
 from sidecar.models.preflight import preflight
+from sidecar.tasks import registry
 
 
 def write_dir(tmp_path: Path, **overrides: object) -> Path:
@@ -87,6 +97,14 @@ def test_preflight_accepts_a_sound_dir(tmp_path: Path) -> None:
     )
 
 
+def load_checks(
+    model_dir: Path, manifest: Manifest, vocab: int, pad: int | None, inputs: tuple[str, ...]
+) -> None:
+    """What the loader checks: the dir as a whole, then what its task needs."""
+    preflight(model_dir, manifest, vocab_size=vocab, pad_id=pad, input_names=inputs)
+    registry.check_manifest(model_dir, manifest)
+
+
 @pytest.mark.parametrize(
     ("vocab", "pad", "inputs", "overrides", "message"),
     [
@@ -120,4 +138,65 @@ def test_preflight_refusals(
 ) -> None:
     manifest = read_manifest(write_dir(tmp_path, **overrides))
     with pytest.raises(ModelLoadError, match=message):
-        preflight(tmp_path, manifest, vocab_size=vocab, pad_id=pad, input_names=inputs)
+        load_checks(tmp_path, manifest, vocab, pad, inputs)
+
+
+def fields(**overrides: object) -> dict[str, object]:
+    """Every field an export writes, for a small classifier."""
+    entries: dict[str, object] = {
+        "name": "m",
+        "task": "text-classification",
+        "source": {"path": "/ckpt", "hub_id": None, "revision": None},
+        "exported_by": {"sidecar-export": "test"},
+        "exported_at": "2026-12-02T00:00:00+00:00",
+        "onnx_file": "model.onnx",
+        "onnx_encoder_file": "",
+        "weights": [],
+        "opset": 17,
+        "quantization": "none",
+        "max_length": 32,
+        "labels": ["a", "b"],
+        "multi_label": False,
+        "pooling": None,
+        "dimensions": 0,
+        "generation": None,
+        "chat_template": "",
+        "validation": None,
+    }
+    entries.update(overrides)
+    return entries
+
+
+def test_written_manifest_reads_back_with_every_file_checksummed(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    written = write_manifest(tmp_path, fields())
+    assert list(written) == list(KEYS)
+    assert written["format_version"] == 1  # the oldest format that holds a plain classifier
+    assert set(written["files"]) == {"model.onnx", "tok/tokenizer.json"}
+    text = (tmp_path / "manifest.json").read_text()
+    assert text == json.dumps(written, indent=2) + "\n"
+    manifest = read_manifest(tmp_path)
+    assert (manifest.name, manifest.task, manifest.labels) == ("m", Task.CLASSIFY, ("a", "b"))
+    verify_files(tmp_path, manifest)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (fields(shape=[1]), r"unknown \['shape'\]"),
+        ({k: v for k, v in fields().items() if k != "labels"}, r"missing \['labels'\]"),
+    ],
+)
+def test_fields_outside_the_format_are_refused(
+    tmp_path: Path, entries: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        write_manifest(tmp_path, entries)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_manifest_the_reader_refuses_fails_the_writer(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="labels"):
+        write_manifest(tmp_path, fields(labels="a,b"))

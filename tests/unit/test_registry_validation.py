@@ -8,7 +8,6 @@ import pytest
 
 from sidecar.config import ModelSettings, Settings
 from sidecar.dataplane.registry import ModelRegistry
-from sidecar.dataplane.validation import check_inputs, check_non_negative
 from sidecar.domain import ModelState
 from sidecar.errors import (
     ConfigError,
@@ -18,6 +17,7 @@ from sidecar.errors import (
     WrongTaskError,
 )
 from sidecar.models.manifest import Task
+from sidecar.tasks.checks import check_inputs, check_non_negative
 
 
 def registry(*models: ModelSettings, default: str | None = None) -> ModelRegistry:

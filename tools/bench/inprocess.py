@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from sidecar.domain import EmbedRequest
 from sidecar.models.manifest import read_manifest
 from sidecar.serving.loader import load_model
 from sidecar.serving.served import ServedModel
@@ -72,7 +73,8 @@ def cosine(a: ServedModel, b: ServedModel, texts: list[str]) -> tuple[float, flo
     values: list[float] = []
     for start in range(0, len(texts), 32):
         batch = texts[start : start + 32]
-        x, y = (m.embed(batch, normalize=True, truncate=True) for m in (a, b))
+        request = EmbedRequest(model="", inputs=batch, normalize=True, truncate=True)
+        x, y = (m.direct(request) for m in (a, b))
         values += [
             float(np.dot(p.values, q.values))
             for p, q in zip(x.embeddings, y.embeddings, strict=True)
