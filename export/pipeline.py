@@ -180,8 +180,13 @@ def export_model(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint into `out` and return its manifest; a failure leaves `out` untouched."""
-    _check_options(quantize, backend, validate_tokens, int8_min_cosine, int8_min_agreement)
-    tol = check_bounds(atol, rtol)
+    tol = _check_options(
+        quantize,
+        backend,
+        (atol, rtol),
+        validate_tokens,
+        (int8_min_cosine, int8_min_agreement),
+    )
     int8 = quantize == "int8"
     # A GGUF source takes one step more: dequantizing it.
     progress = progress or Progress(5 + int8 + _local_gguf(name_or_path))
@@ -270,25 +275,24 @@ def export_model(
 def _check_options(
     quantize: str,
     backend: str,
+    tolerances: tuple[float, float],
     validate_tokens: int,
-    int8_min_cosine: float | None,
-    int8_min_agreement: float | None,
-) -> None:
-    """Refuse flags that cannot go together, before any work."""
+    int8_bars: tuple[float | None, float | None],
+) -> Tolerance:
+    """Refuse flags that cannot go together, before any work; the validation's tolerance."""
     if quantize not in CHOICES:
         raise ExportError(f"--quantize {quantize!r} is not one of {', '.join(CHOICES)}")
     if backend not in BACKENDS:
         raise ExportError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if quantize == "int8" and backend == "torch":
         raise ExportError("--quantize int8 quantizes the ONNX model; --backend torch has none")
+    tol = check_bounds(*tolerances)
     if validate_tokens < 2:
         raise ExportError(f"--validate-tokens must be 2 or more, not {validate_tokens}")
-    for flag, bar in (
-        ("--int8-min-cosine", int8_min_cosine),
-        ("--int8-min-agreement", int8_min_agreement),
-    ):
+    for flag, bar in zip(("--int8-min-cosine", "--int8-min-agreement"), int8_bars, strict=True):
         if bar is not None:
             _check_bar(flag, bar)
+    return tol
 
 
 def _work_dirs(out: Path, progress: Progress, *, force: bool) -> tuple[Path, Path]:

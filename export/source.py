@@ -68,7 +68,7 @@ def resolve(
     if local.exists() and revision:
         raise ExportError(f"--revision applies to Hub ids, but {name} is a local path")
     if local.is_file():
-        return _gguf_file(local, onnx_file=onnx_file)
+        return _gguf_file(name, local, onnx_file=onnx_file)
     if local.is_dir():
         if not follow_symlinks:
             check_links(local)
@@ -102,11 +102,11 @@ def resolve(
     return source
 
 
-def _gguf_file(local: Path, *, onnx_file: str | None) -> Source:
-    """A checkpoint given as one file: only a GGUF file is one."""
+def _gguf_file(name: str, local: Path, *, onnx_file: str | None) -> Source:
+    """A checkpoint given as one file (`name` as given, `local` its path): only GGUF is one."""
     if gguf.find(local) is None:
         raise ExportError(
-            f"{local} is a file but not a .gguf model: pass a checkpoint directory, a GGUF "
+            f"{name} is a file but not a .gguf model: pass a checkpoint directory, a GGUF "
             "file or a Hub id like org/model"
         )
     if onnx_file:

@@ -14,7 +14,6 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from sidecar.batching.batcher import BatchLimits
 from sidecar.errors import ConfigError
 from sidecar.runtime.devices import parse_device
 
@@ -156,16 +155,6 @@ class Settings:
     def model_dtype(self, model: ModelSettings) -> str:
         """The torch dtype setting of a model."""
         return model.torch_dtype or self.torch_dtype
-
-    def batch_limits(self) -> BatchLimits:
-        """How each encoder model's batcher cuts batches and how much may wait."""
-        return BatchLimits(
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_size=self.max_batch_size,
-            max_batch_delay_s=self.max_batch_delay_ms / 1000,
-            max_queue_size=self.max_queue_size,
-            workers=self.inference_workers,
-        )
 
     def model_threads(self, model: ModelSettings) -> int:
         """The ONNX Runtime intra-op thread count of a model."""

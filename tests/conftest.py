@@ -162,12 +162,12 @@ def models(channel: grpc.aio.Channel) -> models_pb2_grpc.ModelsStub:
     return models_pb2_grpc.ModelsStub(channel)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 async def tasks(
     gpt2_dir: Path, token_classifier_dir: Path, cross_encoder_dir: Path
 ) -> AsyncIterator[inference_pb2_grpc.InferenceStub]:
     """A generator (128-token context), a token classifier and a reranker (8 passages), with
-    the session server's limits: the bad-input tests' second server, one for each module."""
+    the session server's limits: the bad-input tests' second server, shared by their modules."""
     settings = Settings(
         address="127.0.0.1:0",
         metrics_address="127.0.0.1:0",

@@ -1,1 +1,2 @@
-"""Validation, routing a request to a model, deadlines; below transport, above the models."""
+"""Routing a request to a model and its engine, the call envelope, admission and request
+limits; below the transports, above the loaded models."""

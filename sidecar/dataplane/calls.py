@@ -30,7 +30,7 @@ class Call:
         self._began = time.perf_counter()
         self._ended = False
 
-    def answered(self, size: int, model: str = "", subject: str = "the answer") -> None:
+    def check_answer(self, size: int, model: str = "", subject: str = "the answer") -> None:
         """An answer of `size` bytes from `model`: refused as the caller's to fix when the
         transport could not send it (gRPC would end the call with RESOURCE_EXHAUSTED, which
         reads as 'back off', for a request that will never fit)."""

@@ -42,7 +42,7 @@ async def answered(
         async with calls.call(rpc, getattr(request, "model", "")) as call:
             response = await work(to_domain.checked(request))
             metadata = getattr(response, "metadata", None)
-            call.answered(response.ByteSize(), getattr(metadata, "model", ""))
+            call.check_answer(response.ByteSize(), getattr(metadata, "model", ""))
             return response
     except RERAISE:
         raise

@@ -16,6 +16,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from sidecar.batching.batcher import BatchLimits
 from sidecar.config import Settings, is_local_address
 from sidecar.dataplane.registry import ModelRegistry
 from sidecar.dataplane.service import DataPlane
@@ -79,8 +80,15 @@ class SidecarServer:
         # Tokenizing is short and releases the GIL; two threads keep it off the batch's path.
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+        limits = BatchLimits(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            workers=settings.inference_workers,
+        )
         self.engines = Engines(
-            settings.batch_limits(),
+            limits,
             settings.max_decode_batch_size,
             self._inference_pool,
             self._prepare_pool,

@@ -32,7 +32,8 @@ def _unary(route: routes.Route) -> Callable[..., Awaitable[Message | None]]:
             lambda checked: routes.serve(route, dataplane, checked, deadline),
         )
 
-    method.__name__ = method.__qualname__ = route.rpc
+    method.__name__ = route.rpc
+    method.__qualname__ = f"InferenceServicer.{route.rpc}"
     method.__doc__ = f"{route.rpc}, along its route."
     return method
 

@@ -103,7 +103,7 @@ class _StreamCall:
             try:
                 # gRPC would end the whole call over one oversized answer: fail only this item.
                 subject = f"the answer to item {item_id!r}"
-                call.answered(answer.ByteSize(), metadata.model if metadata else "", subject)
+                call.check_answer(answer.ByteSize(), metadata.model if metadata else "", subject)
             except InvalidInputError as too_big:
                 call.failed(too_big)
                 self.error(item_id, too_big, holds_slot=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,12 @@ def preflight(
     vocab_size: int,
     pad_id: int | None,
     input_names: Iterable[str],
+    task_checks: Callable[[Path, Manifest], None] | None = None,
 ) -> None:
     """Raise ModelLoadError naming the first problem that would make the model misbehave.
 
-    What a task itself needs of the dir (labels, pooling) its task module checks.
+    What a task itself needs of the dir (labels, pooling) its task module knows:
+    `task_checks` runs those once the graph's inputs are known to be feedable.
     """
     config = read_config(model_dir)
     model_vocab = config.get("vocab_size")
@@ -60,6 +62,8 @@ def preflight(
             f"{model_dir}: the ONNX graph needs inputs {sorted(unknown)} the sidecar cannot "
             f"feed (it feeds {sorted(FEEDABLE_INPUTS)})"
         )
+    if task_checks is not None:
+        task_checks(model_dir, manifest)
     suppressed = manifest.generation.suppressed_token_ids if manifest.generation else ()
     table = model_vocab if isinstance(model_vocab, int) else vocab_size
     outside = sorted(i for i in suppressed if not 0 <= i < table)

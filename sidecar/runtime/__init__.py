@@ -1,1 +1,2 @@
-"""Inference backends behind one protocol, and the choice of device and provider."""
+"""Inference backends behind one protocol, the choice of device and provider, and the
+interface of the per-model engines."""

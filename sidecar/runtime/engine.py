@@ -20,7 +20,7 @@ class Engine(Protocol[Work, Out]):
 
     @property
     def depth(self) -> int:
-        """Work accepted and not yet started (the queue_depth gauge)."""
+        """Work accepted and not yet started (an encoder model's queue_depth gauge)."""
         ...
 
     def submit(self, work: Work) -> Awaitable[Out]:

@@ -111,7 +111,7 @@ def load_model(
     if chosen == "torch":
         check_torch_files(model_dir)
     encoder = TextEncoder(model_dir, manifest.max_length)
-    encoder.check_encodes(pairs=manifest.task in (Task.RERANK, Task.ZERO_SHOT))
+    encoder.check_encodes(pairs=registry.takes_pairs(manifest.task))
     model: LoadedModel
     if manifest.task.generative:
         preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, ())
@@ -126,8 +126,14 @@ def load_model(
         runner = _encoder_backend(
             chosen, model_dir, manifest, device, intra_op_threads, torch_dtype
         )
-        preflight(model_dir, manifest, encoder.vocab_size, encoder.pad_id, runner.input_names)
-        registry.check_manifest(model_dir, manifest)
+        preflight(
+            model_dir,
+            manifest,
+            encoder.vocab_size,
+            encoder.pad_id,
+            runner.input_names,
+            registry.check_manifest,
+        )
         model = ServedModel(name, model_dir, manifest, encoder, runner)
     loaded = time.perf_counter()
     model.warm_up()

@@ -127,7 +127,7 @@ class ServedModel(LoadedModel):
         return result
 
     def direct(self, request: Any, limits: InputLimits | None = None) -> Any:
-        """Answer a request as one batch, outside any queue (warm-up and tests use this)."""
+        """Answer a request as one batch, outside any queue (the bench and tests use this)."""
         limits = limits or InputLimits(1 << 30, 1 << 30, 1 << 30)
         self.handler.check(request, limits)
         prepared = self.handler.prepare(self, request, limits)

@@ -1,1 +1,2 @@
-"""Per-task pre- and post-processing: pure functions over numpy arrays."""
+"""One module per task (what it encodes, takes from a forward pass and answers), tokenization
+and request checks; the registry finds a task by model or by request."""

@@ -91,6 +91,7 @@ class EncoderTask(ABC, Generic[Req, Res]):
     task: Task  # the model task it runs on
     rpc: str  # the call that reaches it, named in errors ("Classify")
     request_type: type[Req]
+    pairs = False  # encodes (text, text) pairs: the tokenizer's pair template is probed at load
 
     def check_manifest(self, model_dir: Path, manifest: Manifest) -> None:
         """Raise ModelLoadError when a model dir cannot serve this task (at load time)."""

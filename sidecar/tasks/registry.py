@@ -75,6 +75,12 @@ def encoder_task(task: Task) -> AnyTask:
     return _BY_TASK[task]
 
 
+def takes_pairs(task: Task) -> bool:
+    """Whether a model of `task` encodes (text, text) pairs."""
+    handler = _BY_TASK.get(task)
+    return handler is not None and handler.pairs
+
+
 def check_manifest(model_dir: Path, manifest: Manifest) -> None:
     """Raise ModelLoadError when the model dir lacks what its task needs."""
     if manifest.task in generate.TASK.tasks:

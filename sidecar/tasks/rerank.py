@@ -21,6 +21,7 @@ class RerankTask(EncoderTask[RerankRequest, RerankResult]):
 
     task = Task.RERANK
     rpc = "Rerank"
+    pairs = True
     request_type = RerankRequest
 
     def check_manifest(self, model_dir: Path, manifest: Manifest) -> None:

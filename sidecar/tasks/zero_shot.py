@@ -21,6 +21,7 @@ class ZeroShotTask(EncoderTask[ClassifyRequest, ClassifyResult]):
 
     task = Task.ZERO_SHOT
     rpc = "Classify"
+    pairs = True
     request_type = ClassifyRequest
 
     def check_manifest(self, model_dir: Path, manifest: Manifest) -> None:

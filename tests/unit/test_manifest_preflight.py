@@ -101,8 +101,14 @@ def load_checks(
     model_dir: Path, manifest: Manifest, vocab: int, pad: int | None, inputs: tuple[str, ...]
 ) -> None:
     """What the loader checks: the dir as a whole, then what its task needs."""
-    preflight(model_dir, manifest, vocab_size=vocab, pad_id=pad, input_names=inputs)
-    registry.check_manifest(model_dir, manifest)
+    preflight(
+        model_dir,
+        manifest,
+        vocab_size=vocab,
+        pad_id=pad,
+        input_names=inputs,
+        task_checks=registry.check_manifest,
+    )
 
 
 @pytest.mark.parametrize(
