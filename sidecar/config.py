@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import math
 import os
@@ -375,7 +376,7 @@ def _validate(settings: Settings) -> Settings:
 
 def _from_file(path: Path) -> tuple[dict[str, Any], tuple[ModelSettings, ...] | None]:
     """The settings a config file holds, and its models (None when it lists none)."""
-    hints = get_type_hints(Settings)
+    hints = _hints()
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -396,7 +397,7 @@ def _from_file(path: Path) -> tuple[dict[str, Any], tuple[ModelSettings, ...] | 
 
 def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], tuple[ModelSettings, ...] | None]:
     """The settings SIDECAR_* variables hold, and SIDECAR_MODELS (None when unset)."""
-    hints = get_type_hints(Settings)
+    hints = _hints()
     merged: dict[str, Any] = {}
     for name in _scalar_names():
         raw = env.get(f"{ENV_PREFIX}{name.upper()}")
@@ -414,7 +415,7 @@ def _from_flags(
     flags: Mapping[str, Any],
 ) -> tuple[dict[str, Any], tuple[ModelSettings, ...] | None]:
     """The settings given as flags (None values are not given), and --model ones."""
-    hints = get_type_hints(Settings)
+    hints = _hints()
     merged: dict[str, Any] = {}
     models = None
     for name, value in flags.items():
@@ -429,8 +430,15 @@ def _from_flags(
     return merged, models
 
 
-def _scalar_names() -> list[str]:
-    return [f.name for f in fields(Settings) if f.name != "models"]
+@functools.cache
+def _hints() -> dict[str, Any]:
+    """The settings' types, resolved once."""
+    return get_type_hints(Settings)
+
+
+@functools.cache
+def _scalar_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Settings) if f.name != "models")
 
 
 def load_settings(

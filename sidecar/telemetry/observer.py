@@ -111,10 +111,34 @@ class Telemetry:
         items: Sequence[Truncatable],
         inputs: Sequence[str],
     ) -> None:
-        """A batched call answered: its model and inputs on its span, queue time, child spans."""
+        """A batched call answered: its model and inputs on its span, queue time, and its
+        child spans under the server span."""
         self.describe(info, inputs)
-        truncated = any(item.truncated for item in items)
-        self.call(stamps, info, truncated=truncated, answered_ns=time.time_ns())
+        answered_ns = time.time_ns()
+        self.metrics.queued(info.model, max(stamps.started - stamps.enqueued, 0) / 1e9)
+        tracer = self.tracer
+        if tracer is None or not trace.get_current_span().is_recording():
+            return
+        trace.get_current_span().set_attributes(
+            {
+                "sidecar.batch_size": info.batch_size,
+                "sidecar.input_tokens": stamps.input_tokens,
+                "sidecar.padded_tokens": stamps.padded_tokens,
+                "sidecar.truncated": any(item.truncated for item in items),
+            }
+        )
+        record(tracer, "tokenize", *stamps.tokenize)
+        record(tracer, "queue", stamps.enqueued, stamps.started)
+        batch = [stamps.batch] if stamps.batch is not None else []
+        record(
+            tracer,
+            "inference",
+            stamps.started,
+            stamps.inference_end,
+            {"sidecar.batch_size": info.batch_size, "sidecar.padded_tokens": stamps.padded_tokens},
+            links=batch,
+        )
+        record(tracer, "postprocess", stamps.inference_end, answered_ns)
 
     def generation(self, info: CallInfo, inputs: Sequence[str], ended: GenerationSpans) -> None:
         """A generation ended: tokens counted, and (when traced) its attributes and spans."""
@@ -143,33 +167,6 @@ class Telemetry:
             ended.ended_ns,
             {"gen_ai.usage.output_tokens": ended.output_tokens},
         )
-
-    def call(self, stamps: Stamps, info: CallInfo, *, truncated: bool, answered_ns: int) -> None:
-        """A batched call answered: queue time, and its child spans under the server span."""
-        self.metrics.queued(info.model, max(stamps.started - stamps.enqueued, 0) / 1e9)
-        tracer = self.tracer
-        if tracer is None or not trace.get_current_span().is_recording():
-            return
-        trace.get_current_span().set_attributes(
-            {
-                "sidecar.batch_size": info.batch_size,
-                "sidecar.input_tokens": stamps.input_tokens,
-                "sidecar.padded_tokens": stamps.padded_tokens,
-                "sidecar.truncated": truncated,
-            }
-        )
-        record(tracer, "tokenize", *stamps.tokenize)
-        record(tracer, "queue", stamps.enqueued, stamps.started)
-        batch = [stamps.batch] if stamps.batch is not None else []
-        record(
-            tracer,
-            "inference",
-            stamps.started,
-            stamps.inference_end,
-            {"sidecar.batch_size": info.batch_size, "sidecar.padded_tokens": stamps.padded_tokens},
-            links=batch,
-        )
-        record(tracer, "postprocess", stamps.inference_end, answered_ns)
 
     def answered(self, rpc: str, model: str, code: str, seconds: float) -> None:
         """One RPC or Stream item finished, with its status code name."""
