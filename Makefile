@@ -89,8 +89,8 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 test: $(STAMP) $(NPM_STAMPS) lint  ## install, lint, and run the whole test suite (Python and Node clients, contract)
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## sidecar vs in-process ceiling, naive baseline, int8, generation TTFT/ITL (BENCH_ARGS=--quick, --only generation)
-	$(PY) -m tools.bench --model-dir $(DEFAULT_MODEL) --out bench-results $(BENCH_ARGS)
+bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json $(MODELS_DIR)/smollm2/manifest.json  ## sidecar vs in-process ceiling, naive baseline, int8, generation TTFT/ITL, JSON-schema decoding cost on SmolLM2 (BENCH_ARGS=--quick, --only generation|structured)
+	$(PY) -m tools.bench --model-dir $(DEFAULT_MODEL) --structured-dir $(MODELS_DIR)/smollm2 --out bench-results $(BENCH_ARGS)
 
 coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from launch to SERVING
 	$(PY) tools/coldstart.py $(DEFAULT_MODEL) --runs 5

@@ -123,9 +123,14 @@ def _rerank(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) ->
 
 def _generate(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) -> Message:
     """Print the text as it streams in; return the last message (usage, metadata)."""
-    request = pb.GenerateRequest(
-        model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens
-    )
+    request = pb.GenerateRequest(model=args.model, max_new_tokens=args.max_new_tokens)
+    if args.system is not None or args.chat:
+        if args.system is not None:
+            request.messages.add(role="system", content=args.system)
+        request.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    _set_format(request.response_format, args)
     if args.temperature is not None:
         request.temperature = args.temperature
     if args.seed is not None:
@@ -138,6 +143,28 @@ def _generate(stub: inference_pb2_grpc.InferenceStub, args: argparse.Namespace) 
     last.ClearField("text")
     last.ClearField("token_ids")
     return last
+
+
+def _file_text(path: str) -> str:
+    """A --json-schema or --grammar file's text, or a usage error naming it."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from None
+
+
+def _set_format(fmt: pb.ResponseFormat, args: argparse.Namespace) -> None:
+    """The reply's format from --json-schema, --json-object, --regex, --choice or --grammar."""
+    if args.json_schema is not None:
+        fmt.json_schema = args.json_schema
+    elif args.json_object:
+        fmt.json_object.SetInParent()
+    elif args.regex is not None:
+        fmt.regex = args.regex
+    elif args.choice:
+        fmt.choice.values.extend(args.choice)
+    elif args.grammar is not None:
+        fmt.lark_grammar = args.grammar
 
 
 def _call(args: argparse.Namespace) -> int:
@@ -226,6 +253,22 @@ def add_parser(commands: Any) -> None:
     generate.add_argument("--temperature", type=float, help="0 = greedy (default: the model's)")
     generate.add_argument("--seed", type=int, help="seed for sampling")
     generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeat)")
+    generate.add_argument("--system", help="a system message: send the prompt as a chat turn")
+    generate.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user turn (chat template)"
+    )
+    shape = generate.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--json-schema", metavar="FILE", type=_file_text, help="reply with JSON valid against it"
+    )
+    shape.add_argument("--json-object", action="store_true", help="reply with a JSON object")
+    shape.add_argument("--regex", help="reply with text the regular expression matches")
+    shape.add_argument(
+        "--choice", action="append", default=[], help="reply with one of these (repeat)"
+    )
+    shape.add_argument(
+        "--grammar", metavar="FILE", type=_file_text, help="reply in this Lark grammar (llguidance)"
+    )
     calls.add_parser("models", help="list the served models")
     health = calls.add_parser("health", help="check grpc.health.v1")
     health.add_argument("--service", default="", help="service name ('' = overall)")

@@ -78,6 +78,25 @@ class ChatMessage:
     content: str
 
 
+class FormatKind(Enum):
+    """The kinds of ResponseFormat, named as the contract's fields."""
+
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"
+    REGEX = "regex"
+    CHOICE = "choice"
+    LARK_GRAMMAR = "lark_grammar"
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """The form a reply must take: `value` holds the schema, regex or grammar text."""
+
+    kind: FormatKind
+    value: str = ""
+    choices: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """Generate from `prompt` or chat `messages`; None means the model's default."""
@@ -93,6 +112,7 @@ class GenerateRequest:
     stop: Sequence[str] = ()
     seed: int | None = None
     truncate: bool = True  # cut an over-long prompt (see Prompt) instead of refusing it
+    response_format: ResponseFormat | None = None  # None: free text
 
 
 class FinishReason(Enum):
@@ -102,6 +122,7 @@ class FinishReason(Enum):
     STOP = "stop"
     EOS = "eos"
     CANCELLED = "cancelled"
+    COMPLETE = "complete"  # the reply completed its response format
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -23,6 +24,32 @@ from tests.checkpoints import (
     build_nli,
     build_token_classifier,
 )
+
+
+def decode_steps(server: SidecarServer, model: str) -> int:
+    """Sequence steps the model's decode scheduler has run."""
+    return server.registry.resolve(model).engine.steps  # type: ignore[union-attr]
+
+
+async def settled_steps(server: SidecarServer, model: str) -> int:
+    """The step count once no step is running any more."""
+    before = -1
+    while (now := decode_steps(server, model)) != before:
+        before = now
+        await asyncio.sleep(0.2)
+    return now
+
+
+async def steps_after_release(server: SidecarServer, model: str) -> tuple[int, int]:
+    """Once the server has let every generation go (a cancel reaches it a moment after the
+    client sends it): the step count then, and once settled."""
+    generations = server.dataplane.generations
+    for _ in range(5000):
+        if generations.running == 0:
+            break
+        await asyncio.sleep(0.001)
+    assert generations.running == 0
+    return decode_steps(server, model), await settled_steps(server, model)
 
 
 def export_quietly(source: Path | str, out: Path, **options: object) -> Path:

@@ -14,8 +14,9 @@ from sidecar.dataplane.admission import InFlightLimit
 from sidecar.domain import FinishReason, GenerateChunk, GenerateRequest, Usage
 from sidecar.errors import DeadlineExceededError, ModelNotReadyError
 from sidecar.generation import sampling
+from sidecar.generation.formats import Constraint
 from sidecar.generation.scheduler import DecodeScheduler
-from sidecar.generation.sequence import Sequence
+from sidecar.generation.sequence import Prompt, Sequence
 from sidecar.serving.generative import GenerativeModel
 from sidecar.telemetry.observer import GenerationSpans, Telemetry
 
@@ -67,13 +68,13 @@ class Generation:
 
     async def _steps(self) -> AsyncGenerator[GenerateChunk, None]:
         t0, began_wall = time.perf_counter_ns(), time.time_ns()
-        prompt = await asyncio.get_running_loop().run_in_executor(
-            self._prepare_pool, self.model.prompt, self._request, self.params.max_new_tokens
+        prompt, constraint = await asyncio.get_running_loop().run_in_executor(
+            self._prepare_pool, self._prepare
         )
         self._submitted_ns = time.perf_counter_ns()
         self._tokenize_us = (self._submitted_ns - t0) // 1000
         self._wall = [began_wall, time.time_ns()]  # call start, tokenized
-        sequence = self._sequence = self.model.sequence(prompt, self.params)
+        sequence = self._sequence = self.model.sequence(prompt, self.params, constraint)
         future = self._scheduler.submit(sequence)
         try:
             while True:
@@ -89,6 +90,11 @@ class Generation:
         finally:
             future.cancel()  # a caller that leaves costs at most the step already running
             self._report()
+
+    def _prepare(self) -> tuple[Prompt, Constraint | None]:
+        """On the tokenizing pool: the prompt fitted to the context, the format compiled."""
+        prompt = self.model.prompt(self._request, self.params.max_new_tokens)
+        return prompt, self.model.constraint(self._request)
 
     def _tick(self, began_ns: int) -> None:
         """A step's chunk arrived: time to first token, or the gap since the last one."""

@@ -111,9 +111,18 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def choose(self, logits: Logits, context: Sequence[int], generated: int) -> int:
-        """The next token after `context` (the ids the decoder has seen), `generated` so far."""
+    def choose(
+        self,
+        logits: Logits,
+        context: Sequence[int],
+        generated: int,
+        allowed: npt.NDArray[np.bool_] | None = None,
+    ) -> int:
+        """The next token after `context` (the ids the decoder has seen), `generated` so far,
+        among the `allowed` ones when a response format constrains it."""
         p = self.params
+        if allowed is not None:  # as a grammar's logits processor, before every other one
+            logits = np.where(allowed, logits, np.float32(-np.inf))
         # As transformers: BOS is forced only when the decoder has seen a single token (a
         # seq2seq start token, or a one-token prompt); EOS when one token of room is left.
         if len(context) == 1 and generated == 0 and p.forced_bos_token_id is not None:
@@ -122,11 +131,29 @@ class Sampler:
             return p.forced_eos_token_id
         if np.isnan(logits).any():  # an fp16 overflow in the model: never choose it
             logits = np.where(np.isnan(logits), np.float32(-np.inf), logits)
+        if allowed is not None and np.isneginf(logits).all():
+            # Nothing the format allows has a usable logit: choose among the allowed alike.
+            logits = np.where(allowed, np.float32(0.0), np.float32(-np.inf))
+        scores = self._processed(logits, context, generated)
+        if scores is None:
+            return int(np.argmax(logits))  # the common case, once per token: keep it cheap
+        if allowed is not None and np.isneginf(scores).all():
+            # The processors ruled out every token the format allows: the format wins, so
+            # the reply stays valid.
+            scores = logits.astype(np.float64)
+        if p.greedy:
+            return int(np.argmax(scores))
+        return self._sample(scores)
+
+    def _processed(self, logits: Logits, context: Sequence[int], generated: int) -> Scores | None:
+        """The scores after the repetition penalty and the bans; None when greedy decoding
+        needs none of them (the argmax of the logits is the answer)."""
+        p = self.params
         penalised = p.repetition_penalty != 1.0 and len(context) > 0
         early = generated < p.min_new_tokens and bool(p.eos_token_ids)
         banned = p.no_repeat_ngram_size or early or p.suppressed_token_ids
         if p.greedy and not (penalised or banned):
-            return int(np.argmax(logits))  # the common case, once per token: keep it cheap
+            return None
         # float64, so a tiny temperature or penalty scales scores without overflowing.
         scores = logits.astype(np.float64)
         if penalised:
@@ -141,9 +168,7 @@ class Sampler:
             scores[list(p.eos_token_ids)] = -np.inf
         if p.suppressed_token_ids:
             scores[list(p.suppressed_token_ids)] = -np.inf
-        if p.greedy:
-            return int(np.argmax(scores))
-        return self._sample(scores)
+        return scores
 
     def _sample(self, scores: Scores) -> int:
         p = self.params

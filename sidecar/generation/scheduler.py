@@ -16,13 +16,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
 
 from sidecar.domain import GenerateChunk
-from sidecar.errors import PROPAGATE, ModelNotReadyError
+from sidecar.errors import PROPAGATE, ModelNotReadyError, SidecarError
+from sidecar.generation import formats
 from sidecar.generation.sequence import Sequence
 from sidecar.runtime.backend import Decoder
 
@@ -67,6 +68,7 @@ class DecodeScheduler:
         self._prefilled_last = False
         self._running: list[tuple[Sequence, asyncio.Future[GenerateChunk]]] = []
         self.steps = 0  # sequence steps run (a batched run of n sequences counts n)
+        self._masks: ThreadPoolExecutor | None = None  # started by the first constrained job
 
     @property
     def depth(self) -> int:
@@ -130,20 +132,40 @@ class DecodeScheduler:
     def _job(self, sequences: list[Sequence]) -> list[GenerateChunk | BaseException]:
         """On a model thread: prefill new sequences, and one shared step for the others.
 
-        A sequence whose token choice fails gets its own error; the others go on.
+        The token masks of constrained sequences are computed on the mask thread meanwhile:
+        they depend only on the tokens already chosen. A sequence whose token choice fails
+        gets its own error; the others go on.
         """
-        chunks: dict[int, GenerateChunk | BaseException] = {}
+        constraints = [s.constraint for s in sequences if s.constraint is not None]
+        masks = (
+            self._mask_thread().submit(formats.compute_all, constraints) if constraints else None
+        )
+        try:
+            rows = self._forward(sequences)
+        finally:
+            if masks is not None:
+                masks.result()  # compute_all leaves each failure with its own sequence
+        self.steps += len(sequences)
+        return [_advance(sequence, row) for sequence, row in zip(sequences, rows, strict=True)]
+
+    def _mask_thread(self) -> ThreadPoolExecutor:
+        if self._masks is None:
+            self._masks = ThreadPoolExecutor(1, thread_name_prefix=f"masks-{self._name}")
+        return self._masks
+
+    def _forward(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32]]:
+        """Each sequence's next-token logits: a prefill for new ones, one step for the rest."""
+        rows: dict[int, npt.NDArray[np.float32]] = {}
         for index, sequence in enumerate(sequences):
             if sequence.cache is None:
                 t0 = sequence.started_ns = time.perf_counter_ns()
-                logits, sequence.cache = self._decoder.prefill(sequence.prompt.ids)
+                rows[index], sequence.cache = self._decoder.prefill(sequence.prompt.ids)
                 sequence.inference_us += (time.perf_counter_ns() - t0) // 1000
                 sequence.batch_size = max(sequence.batch_size, 1)
-                chunks[index] = _advance(sequence, logits)
-        running = [i for i in range(len(sequences)) if i not in chunks]
+        running = [i for i in range(len(sequences)) if i not in rows]
         if running:
             t0 = time.perf_counter_ns()
-            rows, caches = self._decoder.step(
+            step, caches = self._decoder.step(
                 [sequences[i].cache for i in running], [sequences[i].last_token for i in running]
             )
             spent = (time.perf_counter_ns() - t0) // 1000
@@ -152,9 +174,8 @@ class DecodeScheduler:
                 sequence.cache = caches[row]
                 sequence.inference_us += spent
                 sequence.batch_size = max(sequence.batch_size, len(running))
-                chunks[index] = _advance(sequence, rows[row])
-        self.steps += len(sequences)
-        return [chunks[i] for i in range(len(sequences))]
+                rows[index] = step[row]
+        return [rows[i] for i in range(len(sequences))]
 
     async def close(self) -> None:
         """Refuse new steps and fail the waiting and running ones."""
@@ -170,6 +191,8 @@ class DecodeScheduler:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        if self._masks is not None:
+            self._masks.shutdown(wait=False)
 
 
 def _advance(sequence: Sequence, logits: npt.NDArray[np.float32]) -> GenerateChunk | BaseException:
@@ -177,6 +200,8 @@ def _advance(sequence: Sequence, logits: npt.NDArray[np.float32]) -> GenerateChu
         return sequence.advance(logits)
     except PROPAGATE:
         raise
+    except SidecarError as exc:  # the request's own (a format it cannot follow): no fault
+        return exc
     except BaseException as exc:  # this sequence's failure (a detokenizer panic too)
         log.exception("choosing the next token failed")
         return exc

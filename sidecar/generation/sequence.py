@@ -9,6 +9,7 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from sidecar.domain import FinishReason, GenerateChunk
+from sidecar.generation.formats import Constraint
 from sidecar.generation.sampling import Sampler, SamplingParams
 from sidecar.generation.text import TextStream
 from sidecar.runtime.backend import Cache
@@ -32,8 +33,10 @@ class Sequence:
         tokenizer: Tokenizer,
         context_limit: int,
         decoder_start: int | None,
+        constraint: Constraint | None = None,
     ) -> None:
         self.prompt = prompt
+        self.constraint = constraint
         self.params = params
         self._sampler = Sampler(params)
         self._text = TextStream(tokenizer, params.stop)
@@ -55,15 +58,31 @@ class Sequence:
 
     def advance(self, logits: npt.NDArray[np.float32]) -> GenerateChunk:
         """Choose the next token from its logits; the chunk says what it added and if it ended."""
-        token = self._sampler.choose(logits, self.context, len(self.generated))
+        constraint = self.constraint
+        allowed = constraint.allowed(logits.shape[-1]) if constraint is not None else None
+        token = self._sampler.choose(logits, self.context, len(self.generated), allowed)
+        # Forced tokens are not the format's: a forced BOS (a seq2seq reply's first token)
+        # prints nothing, and a forced EOS at the last token cuts the reply (LENGTH below).
+        forced = (len(self.context) == 1 and token == self.params.forced_bos_token_id) or (
+            len(self.generated) == self.params.max_new_tokens - 1
+            and token == self.params.forced_eos_token_id
+        )
         self.generated.append(token)
         self.context.append(token)
         if token in self.params.eos_token_ids:
-            self.finish = FinishReason.EOS
+            # EOS ends a constrained reply only where the format accepts it, except a forced
+            # EOS at max_new_tokens, which cuts it.
+            cut = constraint is not None and not constraint.accepting
+            self.finish = FinishReason.LENGTH if cut else FinishReason.EOS
             return GenerateChunk(self._text.finish(), [token], self.finish)
+        if constraint is not None and not forced:
+            constraint.consume(token)
         text = self._text.push(token)
         if self._text.stopped:
             self.finish = FinishReason.STOP
+        elif constraint is not None and constraint.complete:
+            self.finish = FinishReason.COMPLETE
+            text += self._text.finish()
         elif len(self.generated) >= self.params.max_new_tokens or len(self.context) >= self._limit:
             self.finish = FinishReason.LENGTH
             text += self._text.finish()

@@ -15,8 +15,10 @@ from sidecar.domain import (
     ClassifyRequest,
     EmbedRequest,
     ExtractEntitiesRequest,
+    FormatKind,
     GenerateRequest,
     RerankRequest,
+    ResponseFormat,
     TokenizeRequest,
 )
 from sidecar.errors import InvalidInputError
@@ -162,4 +164,24 @@ def generate(request: pb.GenerateRequest) -> GenerateRequest:
         stop=list(request.stop),
         seed=optional("seed"),
         truncate=request.truncate if request.HasField("truncate") else True,
+        response_format=response_format(request),
     )
+
+
+def response_format(request: pb.GenerateRequest) -> ResponseFormat | None:
+    """The request's format; None when unset (free text)."""
+    if not request.HasField("response_format"):
+        return None
+    fmt = request.response_format
+    field = fmt.WhichOneof("format")
+    if field is None:
+        raise InvalidInputError(
+            "response_format is set but empty: set one of json_schema, json_object, regex, "
+            "choice or lark_grammar"
+        )
+    kind = FormatKind(field)
+    if kind is FormatKind.CHOICE:
+        return ResponseFormat(kind, choices=tuple(fmt.choice.values))
+    if kind is FormatKind.JSON_OBJECT:
+        return ResponseFormat(kind)
+    return ResponseFormat(kind, str(getattr(fmt, field)))

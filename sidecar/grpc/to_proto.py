@@ -32,6 +32,7 @@ FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.COMPLETE: pb.FINISH_REASON_COMPLETE,
 }
 STATES = {
     ModelState.LOADING: models_pb2.MODEL_STATE_LOADING,

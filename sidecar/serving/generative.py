@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sidecar.domain import GenerateRequest
 from sidecar.generation.chat import ChatTemplate
+from sidecar.generation.formats import Constraint, Grammars
 from sidecar.generation.sampling import SamplingParams
 from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.generation.sequence import Prompt, Sequence
@@ -57,16 +58,31 @@ class GenerativeModel(LoadedModel):
         self.seq2seq = manifest.task is Task.SEQ2SEQ
         self.context = manifest.max_length
         self.engine: DecodeScheduler | None = None  # set by Engines when the model loads
+        config = read_json_object(model_dir / "config.json") or {}
+        vocab_size = config.get("vocab_size")
+        self.grammars = Grammars(
+            self.tokenizer,
+            self.defaults.eos_token_ids,
+            vocab_size if isinstance(vocab_size, int) else 0,
+            self.defaults.bos_token_id,
+        )
 
     def prompt(self, request: GenerateRequest, max_new_tokens: int) -> Prompt:
         """The request's prompt, rendered, tokenized and fitted to the context (on a thread)."""
         return generate.TASK.prompt(self, request, max_new_tokens)
 
-    def sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def constraint(self, request: GenerateRequest) -> Constraint | None:
+        """The request's response format compiled for this model (on a thread); None if unset."""
+        fmt = request.response_format
+        return None if fmt is None else self.grammars.constraint(fmt)
+
+    def sequence(
+        self, prompt: Prompt, params: SamplingParams, constraint: Constraint | None = None
+    ) -> Sequence:
         """A new generation from this prompt."""
         # The loader refuses a seq2seq dir without a decoder start token.
         start = self.defaults.decoder_start_token_id if self.seq2seq else None
-        return Sequence(prompt, params, self.tokenizer, self.context, start)
+        return Sequence(prompt, params, self.tokenizer, self.context, start, constraint)
 
     def warm_up(self) -> None:
         """Prefill a short and a long prompt and take a few steps from each."""

@@ -1,5 +1,6 @@
 """Bad input to Generate on the `tasks` server's GPT-2 (a 128-token context): a megabyte
-prompt, generation parameters out of range, and extreme values that are still valid."""
+prompt, generation parameters out of range, extreme values that are still valid, and response
+formats that are invalid, unsupported or over their limits."""
 
 from __future__ import annotations
 
@@ -104,3 +105,38 @@ async def test_extreme_but_valid_generation_parameters_generate(
     last = steps[-1]
     assert last.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
     assert last.usage.prompt_tokens + last.usage.completion_tokens <= 128
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fragment"),
+    [
+        (pb.ResponseFormat(), "response_format is set but empty"),
+        (pb.ResponseFormat(json_schema="{"), "response_format.json_schema is not valid JSON"),
+        (pb.ResponseFormat(json_schema="true"), "must be a JSON object (a schema), got bool"),
+        (
+            pb.ResponseFormat(json_schema='{"type": "array", "uniqueItems": true}'),
+            'Unimplemented keys: ["uniqueItems"]',
+        ),
+        (
+            pb.ResponseFormat(json_schema='{"type": "string", "pattern": "(["}'),
+            "unclosed character class",
+        ),
+        (
+            pb.ResponseFormat(json_schema='{"enum": ["' + "x" * 70_000 + '"]}'),
+            "bytes; at most 65536",
+        ),
+        (pb.ResponseFormat(regex="(ab"), "response_format.regex is not valid"),
+        (pb.ResponseFormat(regex="x" * 5000), "regex is 5000 characters; at most 4096"),
+        (pb.ResponseFormat(choice=pb.Choices()), "response_format.choice has 0 values"),
+        (pb.ResponseFormat(lark_grammar="start: x"), 'unknown name: "x"'),
+    ],
+)
+async def test_bad_response_formats(
+    tasks: InferenceStub, fmt: pb.ResponseFormat, fragment: str
+) -> None:
+    await expect(
+        generate(tasks, pb.GenerateRequest(model="gpt2", prompt="hello", response_format=fmt)),
+        INVALID,
+        fragment,
+    )
+    await still_serving(tasks)

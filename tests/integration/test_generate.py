@@ -18,7 +18,13 @@ from sidecar.grpc.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.checkpoints import build_gpt2
-from tests.conftest import channel_to, export_quietly, serving
+from tests.conftest import (
+    channel_to,
+    export_quietly,
+    serving,
+    settled_steps,
+    steps_after_release,
+)
 
 PROMPTS = [
     "Refund request: order 1234 never arrived.",
@@ -233,20 +239,6 @@ async def test_bad_parameters_are_invalid_argument(
     assert fragment in caught.value.details()
 
 
-def steps(server: SidecarServer, model: str) -> int:
-    generative = server.registry.resolve(model)
-    return generative.engine.steps  # type: ignore[attr-defined]
-
-
-async def settled_steps(server: SidecarServer, model: str) -> int:
-    """The step count once no step is running any more."""
-    before = -1
-    while (now := steps(server, model)) != before:
-        before = now
-        await asyncio.sleep(0.2)
-    return now
-
-
 async def test_a_client_cancel_stops_decoding_within_a_step(
     stub: InferenceStub, generator: SidecarServer
 ) -> None:
@@ -260,14 +252,7 @@ async def test_a_client_cancel_stops_decoding_within_a_step(
     call.cancel()
     # The cancel reaches the server a moment later (under load, a few steps later): from the
     # moment the server has let the generation go, at most the step already running ends.
-    generations = generator.dataplane.generations
-    for _ in range(5000):
-        if generations.running == 0:
-            break
-        await asyncio.sleep(0.001)
-    assert generations.running == 0
-    at_release = steps(generator, "long")
-    done = await settled_steps(generator, "long")
+    at_release, done = await steps_after_release(generator, "long")
     assert done - at_release <= 1
     assert done - start < 1000
 

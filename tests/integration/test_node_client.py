@@ -25,6 +25,15 @@ pytestmark = pytest.mark.slow
 
 TEXTS = ["Refund not received after 14 days", "App crashes on login", "Change my email"]
 PROMPT = "The refund"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "category": {"enum": ["billing", "login", "bug"]},
+        "urgent": {"type": "boolean"},
+    },
+    "required": ["category", "urgent"],
+    "additionalProperties": False,
+}
 
 
 def python_answers(address: str) -> dict[str, object]:
@@ -41,6 +50,15 @@ def python_answers(address: str) -> dict[str, object]:
                 pb.GenerateRequest(model="gpt2", prompt=PROMPT, max_new_tokens=12), timeout=30
             )
         )
+        shaped = pb.ResponseFormat(json_schema=json.dumps(SCHEMA))
+        triaged = list(
+            inference.Generate(
+                pb.GenerateRequest(
+                    model="gpt2", prompt=TEXTS[0], response_format=shaped, max_new_tokens=64
+                ),
+                timeout=30,
+            )
+        )
     return {
         "texts": TEXTS,
         "embeddings": [list(e.values) for e in embedded.embeddings],
@@ -54,6 +72,8 @@ def python_answers(address: str) -> dict[str, object]:
         "generated": "".join(step.text for step in steps),
         "completion_tokens": steps[-1].usage.completion_tokens,
         "finish_reason": pb.FinishReason.Name(steps[-1].finish_reason),
+        "schema": json.dumps(SCHEMA),
+        "triaged": "".join(step.text for step in triaged),
     }
 
 
@@ -93,4 +113,4 @@ def test_node_client_against_a_live_sidecar(
     assert done.returncode == 0, report
     counts = dict(re.findall(r"^# (pass|fail|tests) (\d+)$", done.stdout, re.MULTILINE))
     # Every test ran and passed: a test file that silently loaded nothing would pass too.
-    assert counts == {"tests": "8", "pass": "8", "fail": "0"}, report
+    assert counts == {"tests": "9", "pass": "9", "fail": "0"}, report

@@ -1,6 +1,7 @@
 """Real checkpoints as users bring them: SmolLM2-135M-Instruct from its GGUF file with default
-export settings, chatting over gRPC token for token as transformers does; a 4-bit ONNX PII
-tagger imported as a pre-exported dir, extracting what onnxruntime and tokenizers give."""
+export settings, chatting over gRPC token for token as transformers does and triaging tickets
+into JSON that validates against the README's schema; a 4-bit ONNX PII tagger imported as a
+pre-exported dir, extracting what onnxruntime and tokenizers give."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
 import numpy as np
 import pytest
 
@@ -188,6 +190,67 @@ async def test_smollm2_chat_equals_transformers_token_for_token(
         assert last.finish_reason == (pb.FINISH_REASON_EOS if eos else pb.FINISH_REASON_LENGTH)
     # At least one reply ends the turn itself within the budget.
     assert any(last.finish_reason == pb.FINISH_REASON_EOS for _, last in answers)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TRIAGE_SCHEMA = (ROOT / "docs" / "examples" / "triage.schema.json").read_text()
+TRIAGE_PROMPT = (
+    "You triage customer support tickets. Reply with a JSON object: the ticket's category, its "
+    "priority, a one-sentence summary, the order number if the ticket gives one, and whether a "
+    "person must handle it."
+)
+SUPPORT_TICKETS = [
+    "I was charged twice for my March invoice (order 55120). Please refund the second payment.",
+    "I can't log in since yesterday, the password reset email never arrives.",
+    "The app crashes every time I open the settings page on Android 14.",
+    "Could you add a dark mode? My eyes hurt at night.",
+    "Where is my package? Order 88231 has said 'in transit' for ten days.",
+    "URGENT: our whole team is locked out after the SSO change this morning!!!",
+    "hi",
+    "Je n'arrive pas à me connecter depuis la mise à jour.",
+    "Your invoice shows VAT twice, see attached. Company account 7781.",
+    "The export to CSV button does nothing on reports with more than 10,000 rows.",
+    "Please delete my account and all my data under GDPR.",
+    "Two-factor codes arrive after they expire, so I can never sign in.",
+    'I typed {"a": 1} into the search box and got a 500 error page.',
+    "Thanks for the quick fix yesterday, everything works now.",
+    "Can I pay by bank transfer instead of card? Order 4410.",
+    "The mobile app drains 30% battery per hour in the background.",
+    "My subscription renewed even though I cancelled it on the 2nd. Refund please.",
+    "Feature idea: let us schedule reports to be emailed every Monday.",
+    "Login page shows 'invalid token' in Safari but works in Chrome.",
+    "Ordered the wrong size (order 90210123), how do I exchange it?",
+]
+
+
+async def test_smollm2_triage_replies_are_valid_json_for_every_ticket(
+    real_channel: grpc.aio.Channel,
+) -> None:
+    stub = InferenceStub(real_channel)
+    schema = json.loads(TRIAGE_SCHEMA)
+    slots = asyncio.Semaphore(8)  # the server's max_concurrent_generations
+
+    async def triage(ticket: str) -> tuple[str, int]:
+        request = pb.GenerateRequest(
+            model="smollm2",
+            messages=[
+                pb.ChatMessage(role="system", content=TRIAGE_PROMPT),
+                pb.ChatMessage(role="user", content=ticket),
+            ],
+            # Room for the longest reply the schema allows: a 160-character summary can take
+            # 160 tokens when the model repeats itself.
+            max_new_tokens=320,
+            temperature=0,
+            response_format=pb.ResponseFormat(json_schema=TRIAGE_SCHEMA),
+        )
+        async with slots:
+            steps = [step async for step in stub.Generate(request, timeout=300)]
+        return "".join(s.text for s in steps), steps[-1].finish_reason
+
+    replies = await asyncio.gather(*[triage(t) for t in SUPPORT_TICKETS])
+    for ticket, (reply, finish) in zip(SUPPORT_TICKETS, replies, strict=True):
+        assert finish == pb.FINISH_REASON_COMPLETE, (ticket, reply)
+        jsonschema.validate(json.loads(reply), schema)
 
 
 async def test_smollm2_tokenizer_follows_the_gguf(real_channel: grpc.aio.Channel) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from export.compare import DEFAULT_ATOL, DEFAULT_RTOL, VALIDATED_TOKENS
 from sidecar.config import Settings
+from sidecar.generation import formats
 from sidecar.generation.sampling import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from sidecar.runtime.onnx_decoder import PREFILL_CHUNK
 from sidecar.serving.generative import WARM_UP_MAX_TOKENS
@@ -39,6 +40,16 @@ def test_request_bounds_are_the_servers() -> None:
     assert f"at most {MAX_STOP_SEQUENCES}, each 1 to {MAX_STOP_CHARS} characters" in PAGE
     assert f"1 to {MAX_CANDIDATE_LABELS}, distinct" in PAGE
     assert f"at most {MAX_TEMPLATE_CHARS} characters" in PAGE
+    assert (
+        f"at most {formats.MAX_SCHEMA_BYTES} bytes, nested at most {formats.MAX_SCHEMA_DEPTH} "
+        "levels" in PAGE
+    )
+    assert f"at most {formats.MAX_REGEX_CHARS} characters, Rust regex syntax" in PAGE
+    assert f"| `response_format.lark_grammar` | at most {formats.MAX_GRAMMAR_BYTES} bytes" in PAGE
+    assert (
+        f"1 to {formats.MAX_CHOICES} values, each 1 to {formats.MAX_CHOICE_CHARS} characters"
+        in PAGE
+    )
 
 
 def test_export_bounds_are_the_exporters() -> None:

@@ -1,11 +1,12 @@
 """`make bench`: run every scenario side by side, print the table and ratios, write JSON + PNG.
 
-    python -m tools.bench [--quick] [--only embedding|generation] [--out bench-results]
+    python -m tools.bench [--quick] [--only embedding|generation|structured] [--out bench-results]
 
 Servers and load generators run as separate processes on this machine, one scenario at a
 time; the in-process ceiling runs here. `--quick` shortens everything to a smoke check of
 the whole path (numbers from it mean nothing). The generation part (tools/bench/generation.py)
-runs last, on a random GPT-2 it builds next to the model dir.
+runs on a random GPT-2 it builds next to the model dir; the structured part
+(tools/bench/structured.py) last, on SmolLM2-135M-Instruct (`make export-real` exports it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tools.bench import corpus, generation, inprocess, report
+from tools.bench import corpus, generation, inprocess, report, structured
 from tools.coldstart import free_port
 
 CALLERS = (1, 4, 16, 64)
@@ -218,6 +219,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.model_dir / "tokenizer.json", args.model_dir.parent / name, quick=args.quick
         )
         results["generation"] = generation.run(args, model_dir, sidecar)
+    if args.only in (None, "structured"):
+        print("structured generation: a JSON schema against free decoding, SmolLM2 ...", flush=True)
+        if not (args.structured_dir / "manifest.json").is_file():
+            raise SystemExit(
+                f"no model dir at {args.structured_dir}: run `make export-real` (SmolLM2), or "
+                "pass --structured-dir"
+            )
+        results["structured"] = structured.run(args, args.structured_dir, sidecar)
     results["ratios"] = ratios(results)
     return results
 
@@ -381,6 +390,8 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     found = embedding_ratios(results) if "scenarios" in results else []
     if "generation" in results:
         found += generation.ratios(results["generation"], ratio)
+    if "structured" in results:
+        found += structured.ratios(results["structured"], ratio)
     return found
 
 
@@ -508,10 +519,18 @@ def main() -> None:
         help="generative model dir (default: a random GPT-2 built next to --model-dir)",
     )
     parser.add_argument(
+        "--structured-dir",
+        type=Path,
+        default=Path("models/smollm2"),
+        help="a byte-level chat model for the structured part (default: SmolLM2 in models/)",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu or cuda: the bench runs unchanged on a GPU"
     )
     parser.add_argument(
-        "--only", choices=("embedding", "generation"), help="run one part (default: both)"
+        "--only",
+        choices=("embedding", "generation", "structured"),
+        help="run one part (default: all)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument(
@@ -556,6 +575,9 @@ def main() -> None:
     if "generation" in results:
         print()
         print(report.generation_table(results["generation"]))
+    if "structured" in results:
+        print()
+        print(structured.table(results["structured"]))
     print()
     print(report.ratio_table(results["ratios"]))
     report.write(args.out, results)

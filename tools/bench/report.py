@@ -142,12 +142,37 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", *_embedding_markdown(results)]
     if "generation" in results:
         lines += ["", *_generation_markdown(results["generation"])]
+    if "structured" in results:
+        lines += ["", *_structured_markdown(results["structured"])]
     lines += ["", "| ratio | measured | target | |", "|---|---|---|---|"]
     for r in results["ratios"]:
         verdict = "" if r["target"] == "report" else ("met" if r["met"] else "missed")
         target = "" if r["target"] == "report" else r["target"]
         lines.append(f"| {r['name']} | {r['value']:.3f} | {target} | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def _structured_markdown(result: dict[str, Any]) -> list[str]:
+    inproc = result["in_process"]
+    lines = [
+        f"Structured generation on {result['model']} (vocabulary {inproc['vocab']}): token "
+        f"table {inproc['token_table_ms']:.0f} ms once per model; triage schema compile p50 "
+        f"{inproc['compile_p50_ms']:.2f} ms; token mask p50 {inproc['mask_p50_ms']:.3f} ms, "
+        f"p99 {inproc['mask_p99_ms']:.3f} ms.",
+        "",
+        "| run | ITL p50 ms | ITL p99 ms | tokens | finishes |",
+        "|---|---|---|---|---|",
+    ]
+    for number, turn in enumerate(result["rounds"], 1):
+        for label, row in turn.items():
+            finishes = ", ".join(
+                f"{k.removeprefix('FINISH_REASON_')} {v}" for k, v in row["finishes"].items()
+            )
+            lines.append(
+                f"| {label} #{number} | {row['itl_p50_ms']:.2f} | {row['itl_p99_ms']:.2f} | "
+                f"{row['tokens_mean']:.1f} | {finishes} |"
+            )
+    return lines
 
 
 def _generation_markdown(gen: dict[str, Any]) -> list[str]:

@@ -74,6 +74,24 @@ test('Generate streams one message per token, metadata on the last', async () =>
   }
 });
 
+test('Generate with a JSON schema replies with JSON that holds to it', async () => {
+  let reply = '';
+  let last;
+  const request = {
+    model: 'gpt2', prompt: expected.texts[0], max_new_tokens: 64, response_format: { json_schema: expected.schema },
+  };
+  for await (const message of generate(sidecar.inference, request, { timeoutMs: 30000 })) {
+    reply += message.text;
+    last = message;
+  }
+  assert.equal(reply, expected.triaged);
+  assert.equal(last.finish_reason, 'FINISH_REASON_COMPLETE');
+  const triage = JSON.parse(reply); // a random model, so any category: but always valid
+  assert.ok(['billing', 'login', 'bug'].includes(triage.category));
+  assert.equal(typeof triage.urgent, 'boolean');
+  assert.deepEqual(Object.keys(triage).sort(), ['category', 'urgent']);
+});
+
 test('Stream: many ids, one bad item answered with its own error, the rest succeed', async () => {
   const items = expected.texts.map((text, i) => ({ id: `embed-${i}`, embed: { model: 'minilm', inputs: [text] } }));
   items.push({ id: 'bad', embed: { model: 'minilm', inputs: [' '] } });
