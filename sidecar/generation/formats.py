@@ -51,13 +51,16 @@ JSON_OPTIONS: Any = {
     "key_separator": ": ",
     "lenient": False,
     "whitespace_pattern": None,
+    "coerce_one_of": False,
+    "json_allow_general_unicode_escapes": False,
 }
-# Errors name the keyword or position, without the parser's state dump. The lexer's bounds
-# are tighter than llguidance's defaults: with those, a 15-character regex such as
-# (a{1000}){1000} spent 2 s building its first mask and held 200 MB per cached format.
-_LIMITS = llguidance.LLParserLimits(
-    verbose_errors=False, initial_lexer_fuel=100_000, max_lexer_states=20_000
-)
+# Errors name the keyword or position, without the parser's state dump. The lexer's build
+# fuel is a tenth of llguidance's default: with the default, the 15-character regex
+# (a{1000}){1000} spent 2 s building its first mask and held 200 MB per cached format. (Its
+# state count stays the default: copies of a cached format share one lexer, so a tighter
+# cap would be spent across generations and fail a format that worked before.)
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False, initial_lexer_fuel=100_000)
+
 
 Mask = npt.NDArray[np.bool_]
 
@@ -171,7 +174,12 @@ class _Vocabulary:
         self.eos_token_id = eos
         self.bos_token_id = bos
         self._tokenizer = tokenizer
-        self._ids = {t: i for i, t in enumerate(tokens) if t and i not in special}
+        # Lowest id first, byte tokens (<0xNN>) last: the pieces the tokenizer itself uses.
+        self._ids: dict[bytes, int] = {}
+        for single in (False, True):
+            for i, t in enumerate(tokens):
+                if t and i not in special and (len(t) == 1) == single:
+                    self._ids.setdefault(t, i)
         self._longest = max(map(len, self._ids), default=1)
 
     def __call__(self, text: str) -> list[int]:
@@ -338,11 +346,16 @@ class Grammars:
                 self._compiled[fmt] = template
                 while len(self._compiled) > CACHE_ENTRIES:
                     self._compiled.popitem(last=False)
-        return Constraint(template.deep_copy(), self._vocab_size, lambda: self._forget(fmt))
+        compiled = template
+        return Constraint(
+            template.deep_copy(), self._vocab_size, lambda: self._forget(fmt, compiled)
+        )
 
-    def _forget(self, fmt: ResponseFormat) -> None:
+    def _forget(self, fmt: ResponseFormat, template: llguidance.LLMatcher) -> None:
+        """Drop a format the engine gave up on (not one compiled afresh since)."""
         with self._lock:
-            self._compiled.pop(fmt, None)
+            if self._compiled.get(fmt) is template:
+                del self._compiled[fmt]
 
     @property
     def cached(self) -> int:
@@ -355,7 +368,7 @@ class Grammars:
             matcher = llguidance.LLMatcher(vocabulary, grammar, log_level=0, limits=_LIMITS)
             if not matcher.is_error():
                 # The first mask here, on the tokenizing pool: a format the engine cannot
-                # start (a $ref to itself, a lexer past its bounds) fails before any decoding.
+                # start (a $ref that refers only to itself) fails before any decoding.
                 matcher.compute_bitmask()
         except PROPAGATE:
             raise

@@ -63,7 +63,11 @@ class Sequence:
         token = self._sampler.choose(logits, self.context, len(self.generated), allowed)
         # Forced tokens are not the format's: a forced BOS (a seq2seq reply's first token)
         # prints nothing, and a forced EOS at the last token cuts the reply (LENGTH below).
-        forced = (len(self.context) == 1 and token == self.params.forced_bos_token_id) or (
+        forced = (
+            len(self.context) == 1
+            and not self.generated
+            and token == self.params.forced_bos_token_id
+        ) or (
             len(self.generated) == self.params.max_new_tokens - 1
             and token == self.params.forced_eos_token_id
         )

@@ -182,6 +182,15 @@ def schema(value: object) -> ResponseFormat:
             r'Unimplemented keys: \["not"\]',
         ),
         (
+            schema(
+                {
+                    "oneOf": [{"type": "integer"}, {"type": "number"}],
+                    "x-guidance": {"coerce_one_of": True},
+                }
+            ),
+            "oneOf constraints are not supported",
+        ),
+        (
             schema({"a": "x" * formats.MAX_SCHEMA_BYTES}),
             "json_schema is 655.. bytes; at most 65536",
         ),
