@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import pytest
 
 from sidecar.config import ModelSettings, Settings
 from sidecar.grpc.server import SidecarServer
-from sidecar.v1 import inference_pb2_grpc, models_pb2_grpc
+from sidecar.v1 import inference_pb2, inference_pb2_grpc, models_pb2_grpc
 from tests import real_models
 from tests.checkpoints import (
     build_bart,
@@ -24,6 +24,16 @@ from tests.checkpoints import (
     build_nli,
     build_token_classifier,
 )
+
+
+def token_ids(responses: Sequence[inference_pb2.GenerateResponse]) -> list[int]:
+    """A generation's tokens, over all its messages."""
+    return [t for r in responses for t in r.token_ids]
+
+
+def text(responses: Sequence[inference_pb2.GenerateResponse]) -> str:
+    """A generation's text, its deltas joined."""
+    return "".join(r.text for r in responses)
 
 
 def decode_steps(server: SidecarServer, model: str) -> int:

@@ -13,6 +13,7 @@ a copy of the compiled matcher that follows the tokens it chooses.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -346,10 +347,8 @@ class Grammars:
                 self._compiled[fmt] = template
                 while len(self._compiled) > CACHE_ENTRIES:
                     self._compiled.popitem(last=False)
-        compiled = template
-        return Constraint(
-            template.deep_copy(), self._vocab_size, lambda: self._forget(fmt, compiled)
-        )
+        forget = functools.partial(self._forget, fmt, template)
+        return Constraint(template.deep_copy(), self._vocab_size, forget)
 
     def _forget(self, fmt: ResponseFormat, template: llguidance.LLMatcher) -> None:
         """Drop a format the engine gave up on (not one compiled afresh since)."""

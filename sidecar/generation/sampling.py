@@ -121,14 +121,11 @@ class Sampler:
         """The next token after `context` (the ids the decoder has seen), `generated` so far,
         among the `allowed` ones when a response format constrains it."""
         p = self.params
+        forced = self.forced(context, generated)
+        if forced is not None:
+            return forced
         if allowed is not None:  # as a grammar's logits processor, before every other one
             logits = np.where(allowed, logits, np.float32(-np.inf))
-        # As transformers: BOS is forced only when the decoder has seen a single token (a
-        # seq2seq start token, or a one-token prompt); EOS when one token of room is left.
-        if len(context) == 1 and generated == 0 and p.forced_bos_token_id is not None:
-            return p.forced_bos_token_id
-        if generated == p.max_new_tokens - 1 and p.forced_eos_token_id is not None:
-            return p.forced_eos_token_id
         if np.isnan(logits).any():  # an fp16 overflow in the model: never choose it
             logits = np.where(np.isnan(logits), np.float32(-np.inf), logits)
         if allowed is not None and np.isneginf(logits).all():
@@ -144,6 +141,17 @@ class Sampler:
         if p.greedy:
             return int(np.argmax(scores))
         return self._sample(scores)
+
+    def forced(self, context: Sequence[int], generated: int) -> int | None:
+        """The token the model's generation config forces next, if any. As transformers: BOS
+        only when the decoder has seen a single token (a seq2seq start token, or a one-token
+        prompt); EOS when one token of room is left."""
+        p = self.params
+        if len(context) == 1 and generated == 0 and p.forced_bos_token_id is not None:
+            return p.forced_bos_token_id
+        if generated == p.max_new_tokens - 1 and p.forced_eos_token_id is not None:
+            return p.forced_eos_token_id
+        return None
 
     def _processed(self, logits: Logits, context: Sequence[int], generated: int) -> Scores | None:
         """The scores after the repetition penalty and the bans; None when greedy decoding

@@ -60,17 +60,10 @@ class Sequence:
         """Choose the next token from its logits; the chunk says what it added and if it ended."""
         constraint = self.constraint
         allowed = constraint.allowed(logits.shape[-1]) if constraint is not None else None
-        token = self._sampler.choose(logits, self.context, len(self.generated), allowed)
         # Forced tokens are not the format's: a forced BOS (a seq2seq reply's first token)
         # prints nothing, and a forced EOS at the last token cuts the reply (LENGTH below).
-        forced = (
-            len(self.context) == 1
-            and not self.generated
-            and token == self.params.forced_bos_token_id
-        ) or (
-            len(self.generated) == self.params.max_new_tokens - 1
-            and token == self.params.forced_eos_token_id
-        )
+        forced = self._sampler.forced(self.context, len(self.generated)) is not None
+        token = self._sampler.choose(logits, self.context, len(self.generated), allowed)
         self.generated.append(token)
         self.context.append(token)
         if token in self.params.eos_token_ids:

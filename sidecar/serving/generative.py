@@ -15,6 +15,7 @@ from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.generation.sequence import Prompt, Sequence
 from sidecar.model_files import read_json_object
 from sidecar.models.manifest import GenerationDefaults, Manifest, Task
+from sidecar.models.preflight import read_config
 from sidecar.runtime.backend import Decoder
 from sidecar.serving.served import WARM_UP_TEXT, LoadedModel
 from sidecar.tasks import generate
@@ -58,8 +59,7 @@ class GenerativeModel(LoadedModel):
         self.seq2seq = manifest.task is Task.SEQ2SEQ
         self.context = manifest.max_length
         self.engine: DecodeScheduler | None = None  # set by Engines when the model loads
-        config = read_json_object(model_dir / "config.json") or {}
-        vocab_size = config.get("vocab_size")
+        vocab_size = read_config(model_dir).get("vocab_size")
         self.grammars = Grammars(
             self.tokenizer,
             self.defaults.eos_token_ids,

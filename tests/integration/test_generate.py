@@ -24,6 +24,8 @@ from tests.conftest import (
     serving,
     settled_steps,
     steps_after_release,
+    text,
+    token_ids,
 )
 
 PROMPTS = [
@@ -82,14 +84,6 @@ async def stub(generator: SidecarServer) -> AsyncIterator[InferenceStub]:
 async def generate(stub: InferenceStub, **fields: Any) -> list[pb.GenerateResponse]:
     deadline = fields.pop("deadline_s", None)
     return [r async for r in stub.Generate(pb.GenerateRequest(**fields), timeout=deadline)]
-
-
-def token_ids(responses: list[pb.GenerateResponse]) -> list[int]:
-    return [t for r in responses for t in r.token_ids]
-
-
-def text(responses: list[pb.GenerateResponse]) -> str:
-    return "".join(r.text for r in responses)
 
 
 @pytest.mark.parametrize("model", ["gpt2", "gpt2-torch"])

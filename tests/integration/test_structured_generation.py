@@ -38,6 +38,8 @@ from tests.conftest import (
     serving,
     settled_steps,
     steps_after_release,
+    text,
+    token_ids,
 )
 
 PROMPT = "Triage: I was charged twice for order 1234."
@@ -96,14 +98,6 @@ async def generate(stub: InferenceStub, **fields: Any) -> list[pb.GenerateRespon
     timeout = fields.pop("timeout", 60)
     call = stub.Generate(pb.GenerateRequest(**fields), timeout=timeout)
     return [r async for r in call]
-
-
-def text(responses: list[pb.GenerateResponse]) -> str:
-    return "".join(r.text for r in responses)
-
-
-def token_ids(responses: list[pb.GenerateResponse]) -> list[int]:
-    return [t for r in responses for t in r.token_ids]
 
 
 # Schemas whose replies are bounded (strings, arrays and numbers' ranges), so a random model

@@ -18,7 +18,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from sidecar.domain import FormatKind, ResponseFormat
 from sidecar.errors import InvalidInputError, WrongTaskError
 from sidecar.generation import formats
-from sidecar.generation.sampling import Sampler, SamplingParams
 from sidecar.generation.token_bytes import SPECIAL_MARKER, token_bytes
 from tests.checkpoints import CORPUS, train_bpe_tokenizer, train_tokenizer
 
@@ -330,25 +329,6 @@ def test_random_walks_under_a_regex_end_in_a_match(
         text, ended = walk(grammars, ResponseFormat(FormatKind.REGEX, pattern), byte_level, seed)
         assert ended
         assert re.fullmatch(pattern, text), text
-
-
-def test_the_format_wins_when_the_processors_rule_out_every_token_it_allows() -> None:
-    params = SamplingParams(
-        max_new_tokens=8,
-        greedy=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        repetition_penalty=1.0,
-        stop=(),
-        seed=0,
-        eos_token_ids=(0,),
-        suppressed_token_ids=(2, 3),
-    )
-    logits = np.array([5.0, 4.0, 1.0, 0.5, 3.0], dtype=np.float32)
-    allowed = np.array([False, False, True, True, False])
-    assert Sampler(params).choose(logits, [1], 0, allowed) == 2
-    assert Sampler(params).choose(logits, [1], 0) == 0
 
 
 def test_a_padded_vocabulary_masks_the_ids_past_the_tokenizer(byte_level: Tokenizer) -> None:

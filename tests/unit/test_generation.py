@@ -252,3 +252,11 @@ def test_chat_tojson_and_generation_blocks_render_as_transformers() -> None:
         messages=[{"role": "user", "content": "it's <b> & é"}], add_generation_prompt=True
     )
     assert ChatTemplate(source, {}).render(messages) == expected == '"it\'s <b> & é"[user]'
+
+
+def test_the_format_wins_when_the_processors_rule_out_every_token_it_allows() -> None:
+    suppressing = params(eos_token_ids=(0,), suppressed_token_ids=(2, 3))
+    scores = np.array([5.0, 4.0, 1.0, 0.5, 3.0], dtype=np.float32)
+    allowed = np.array([False, False, True, True, False])
+    assert Sampler(suppressing).choose(scores, [1], 0, allowed) == 2
+    assert Sampler(suppressing).choose(scores, [1], 0) == 0
