@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         from sidecar.telemetry import logs
 
         logs.configure(settings.log_level, settings.log_format)
-        from sidecar.grpc.server import serve  # grpc and onnxruntime load only when serving
+        from sidecar.server import serve  # grpc and onnxruntime load only when serving
 
         abandoned = asyncio.run(serve(settings))
     except _Stopped as stopped:

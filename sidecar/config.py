@@ -119,6 +119,15 @@ class Settings:
     metrics_address: str = _setting(
         "127.0.0.1:9464", "host:port of the Prometheus metrics endpoint; empty turns it off"
     )
+    http_address: str = _setting(
+        "127.0.0.1:8080",
+        "host:port or unix:/path.sock of the OpenAI-compatible HTTP API, beside gRPC: the same "
+        "models, limits, TLS and token; empty turns it off",
+    )
+    http_timeout_s: float = _setting(
+        300.0,
+        "deadline of an HTTP call that sends no X-Request-Timeout header, in seconds; 0 = none",
+    )
     tls_cert_file: str = _setting(
         "",
         "PEM certificate chain (server certificate first) for TLS on the main listener, with "
@@ -291,6 +300,7 @@ def _check_ranges(settings: Settings) -> None:
         "grace_period_s",
         "max_batch_delay_ms",
         "max_connection_age_s",
+        "http_timeout_s",
     ):
         if getattr(settings, name) < 0:
             raise ConfigError(

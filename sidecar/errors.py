@@ -1,10 +1,12 @@
 """The sidecar's one exception tree.
 
 Domain code raises these; `sidecar.grpc.status` maps each class to a gRPC status code in
-one table. Messages are written for the caller: what was wrong and how to fix it.
+one table, `sidecar.http.status` to an HTTP status and an OpenAI error type in another.
+Messages are written for the caller: what was wrong and how to fix it.
 
     SidecarError
     ├── InvalidInputError          client mistake in the request        INVALID_ARGUMENT
+    │   └── TooLargeError          a request body over the size limit   (HTTP 413)
     ├── ModelNotFoundError         no model of that name                NOT_FOUND
     ├── WrongTaskError             the model does not do this task      FAILED_PRECONDITION
     ├── ModelNotReadyError         loading, failed, or shutting down    UNAVAILABLE
@@ -12,6 +14,7 @@ one table. Messages are written for the caller: what was wrong and how to fix it
     ├── OverloadedError            a bounded queue is full              RESOURCE_EXHAUSTED
     ├── CancelledError             the caller cancelled the work        CANCELLED
     ├── NotImplementedYetError     the RPC exists but is not available  UNIMPLEMENTED
+    ├── UnauthenticatedError       no valid bearer token                UNAUTHENTICATED
     ├── ModelLoadError             a model dir cannot be served         (load time only)
     │   └── ChecksumMismatchError  a file differs from its manifest
     └── ConfigError                settings that cannot work            (start-up only)
@@ -42,6 +45,10 @@ class InvalidInputError(SidecarError):
     """The request itself is wrong; retrying it unchanged cannot succeed."""
 
 
+class TooLargeError(InvalidInputError):
+    """The request is over a size limit; it must be made smaller to succeed."""
+
+
 class ModelNotFoundError(SidecarError):
     """The request names a model this sidecar does not serve."""
 
@@ -68,6 +75,10 @@ class CancelledError(SidecarError):
 
 class NotImplementedYetError(SidecarError):
     """The contract names this call but this server version does not provide it."""
+
+
+class UnauthenticatedError(SidecarError):
+    """The call lacks the bearer token this server requires, or carries a wrong one."""
 
 
 class ModelLoadError(SidecarError):

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2, inference_pb2_grpc, models_pb2_grpc
 from tests import real_models
 from tests.checkpoints import (
@@ -96,7 +96,12 @@ async def serving(
 
 def local_settings(*models: ModelSettings, **settings: Any) -> Settings:
     """These models on a free loopback port, no metrics endpoint, one intra-op thread."""
-    defaults: dict[str, Any] = {"metrics_address": "", "intra_op_threads": 1, "grace_period_s": 1.0}
+    defaults: dict[str, Any] = {
+        "metrics_address": "",
+        "http_address": "",
+        "intra_op_threads": 1,
+        "grace_period_s": 1.0,
+    }
     return Settings(address="127.0.0.1:0", models=models, **{**defaults, **settings})
 
 
@@ -159,6 +164,7 @@ def settings(minilm_dir: Path, classifier_dir: Path, multilabel_dir: Path) -> Se
     """Three models on a free loopback port; small limits so tests can reach them."""
     return Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(
             ModelSettings(path=minilm_dir),
@@ -207,6 +213,7 @@ async def tasks(
     the session server's limits: the bad-input tests' second server, shared by their modules."""
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(
             ModelSettings(path=gpt2_dir, name="gpt2"),

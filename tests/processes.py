@@ -17,9 +17,16 @@ BIN = Path(sys.executable).parent
 def start_sidecar(
     log: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """`sidecar serve ARGS` with its log in a file (a pipe nobody reads could block it)."""
+    """`sidecar serve ARGS` with its log in a file (a pipe nobody reads could block it).
+
+    The HTTP API stays off unless ARGS or `env` set its address: servers started side by
+    side would all want its default port."""
+    chosen = any(a.startswith("--http-address") for a in args) or "SIDECAR_HTTP_ADDRESS" in (
+        env or {}
+    )
+    extra = () if chosen else ("--http-address=",)
     with log.open("wb") as sink:
-        return subprocess.Popen([BIN / "sidecar", "serve", *args], stderr=sink, env=env)
+        return subprocess.Popen([BIN / "sidecar", "serve", *args, *extra], stderr=sink, env=env)
 
 
 def stop_sidecar(

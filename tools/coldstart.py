@@ -49,7 +49,7 @@ def one_run(model_dir: Path) -> float:
     sidecar = Path(sys.executable).parent / "sidecar"
     started = time.perf_counter()
     command = [sidecar, "serve", "--model", str(model_dir), "--address", address]
-    process = subprocess.Popen([*command, "--log-level", "WARNING"])
+    process = subprocess.Popen([*command, "--http-address=", "--log-level", "WARNING"])
     try:
         wait_serving(address, process)
         return time.perf_counter() - started

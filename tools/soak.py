@@ -343,7 +343,7 @@ def main() -> None:
     command = [
         Path(sys.executable).parent / "sidecar",
         *("serve", *models, "--address", address),
-        *("--metrics-address=", "--log-level", "WARNING"),
+        *("--metrics-address=", "--http-address=", "--log-level", "WARNING"),
         *("--max-concurrent-requests", str(args.max_concurrent_requests)),
     ]
     leaked: list[str] = []

@@ -25,7 +25,7 @@ class Call:
 
     def __init__(self, calls: Calls, name: str, model: str) -> None:
         self._calls = calls
-        self.name = name  # "Embed", "Stream.embed"
+        self.name = name  # "Embed", "Stream.embed", "/v1/embeddings"
         self.model = model  # as asked; the answering model once known
         self._began = time.perf_counter()
         self._ended = False
@@ -48,11 +48,13 @@ class Call:
             return
         self._ended = True
         elapsed = time.perf_counter() - self._began
-        self._calls.telemetry.answered(self.name, self.model, code, elapsed)
+        calls = self._calls
+        calls.telemetry.answered(self.name, self.model, code, elapsed, calls.transport)
 
     def failed(self, exc: BaseException) -> None:
         """End the call with the code the transport maps `exc` to."""
-        self.end(CANCELLED if isinstance(exc, errors.PROPAGATE) else self._calls.code_of(exc))
+        calls = self._calls
+        self.end(calls.cancelled if isinstance(exc, errors.PROPAGATE) else calls.code_of(exc))
 
 
 class Calls:
@@ -64,8 +66,14 @@ class Calls:
         telemetry: Telemetry,
         max_answer_bytes: int,
         code_of: Callable[[BaseException], str],
+        transport: str = "grpc",
+        ok: str = OK,
+        cancelled: str = CANCELLED,
     ) -> None:
         self.admission = admission
+        self.transport = transport  # the metrics' transport label
+        self.ok = ok  # the transport's code for an answered call
+        self.cancelled = cancelled  # and for one its caller left
         self.telemetry = telemetry
         self.max_answer_bytes = max_answer_bytes
         self.code_of = code_of  # the transport's code for an exception, logged nowhere
@@ -89,4 +97,4 @@ class Calls:
                 call.failed(exc)
             raise
         if counted:
-            call.end(OK)
+            call.end(self.ok)

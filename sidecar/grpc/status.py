@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 import grpc
 from google.rpc import status_pb2
 
 from sidecar import errors
+from sidecar.telemetry.logs import internal_error
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ CODES: dict[type[errors.SidecarError], grpc.StatusCode] = {
     errors.OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.CancelledError: grpc.StatusCode.CANCELLED,
     errors.NotImplementedYetError: grpc.StatusCode.UNIMPLEMENTED,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -46,9 +47,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     code = code_of(exc)
     if code is not grpc.StatusCode.INTERNAL:
         return code, str(exc)
-    ref = uuid.uuid4().hex[:12]
-    log.error("internal error (ref %s)", ref, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details"
+    return grpc.StatusCode.INTERNAL, internal_error(exc, log)
 
 
 def rpc_status(exc: BaseException) -> status_pb2.Status:

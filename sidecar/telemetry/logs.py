@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from datetime import UTC, datetime
 
 from opentelemetry import trace
@@ -37,3 +38,11 @@ def configure(level: str, log_format: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def internal_error(exc: BaseException, log: logging.Logger) -> str:
+    """Log an unexpected failure under a short reference; the caller gets only the reference,
+    never the traceback or the exception's text."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error (ref %s)", ref, exc_info=exc)
+    return f"internal error (ref {ref}); the server log has the details"

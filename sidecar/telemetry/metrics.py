@@ -63,14 +63,15 @@ class Metrics:
 
         self._requests = Counter(
             "sidecar_requests_total",
-            "Finished RPCs (each Stream item counts once), by RPC, model and gRPC status code.",
-            ("rpc", "model", "code"),
+            "Finished calls (each Stream item counts once), by RPC or HTTP route, model, status "
+            "code (gRPC's name, or the HTTP status) and transport (grpc, http).",
+            ("rpc", "model", "code", "transport"),
             registry=registry,
         )
         self._request_duration = Histogram(
             "sidecar_request_duration_seconds",
-            "Time from receiving an RPC (or Stream item) to its response, queueing included.",
-            ("rpc", "model"),
+            "Time from receiving a call (or Stream item) to its response, queueing included.",
+            ("rpc", "model", "transport"),
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
@@ -164,13 +165,19 @@ class Metrics:
             thread.join(timeout=5)
 
     def call(
-        self, rpc: str, model: str, code: str, seconds: float, trace_id: str | None = None
+        self,
+        rpc: str,
+        model: str,
+        code: str,
+        seconds: float,
+        trace_id: str | None = None,
+        transport: str = "grpc",
     ) -> None:
-        """Record one finished RPC or Stream item: its status code and its latency."""
-        self._requests.labels(rpc, model, code).inc()
+        """Record one finished call or Stream item: its status code and its latency."""
+        self._requests.labels(rpc, model, code, transport).inc()
         # The exemplar lets Grafana jump from a slow bucket to that call's trace.
         exemplar = {"trace_id": trace_id} if trace_id else None
-        self._request_duration.labels(rpc, model).observe(seconds, exemplar)
+        self._request_duration.labels(rpc, model, transport).observe(seconds, exemplar)
 
     def queued(self, model: str, seconds: float) -> None:
         """Record how long one request waited in the model's queue."""

@@ -168,9 +168,11 @@ class Telemetry:
             {"gen_ai.usage.output_tokens": ended.output_tokens},
         )
 
-    def answered(self, rpc: str, model: str, code: str, seconds: float) -> None:
-        """One RPC or Stream item finished, with its status code name."""
-        self.metrics.call(rpc, model, code, seconds, trace_id())
+    def answered(
+        self, rpc: str, model: str, code: str, seconds: float, transport: str = "grpc"
+    ) -> None:
+        """One call or Stream item finished, with its transport's status code."""
+        self.metrics.call(rpc, model, code, seconds, trace_id(), transport)
 
     def close(self) -> None:
         """Flush spans still buffered and stop the metrics endpoint."""

@@ -224,6 +224,24 @@ def test_standalone_with_every_option(chart: helm_python.Chart) -> None:
         assert names.index(referenced) < names.index("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
+def test_http_api_off_by_default_and_on_by_a_value(
+    chart: helm_python.Chart, example: helm_python.Chart
+) -> None:
+    container = server(pod(render(chart)))
+    assert env(container)["SIDECAR_HTTP_ADDRESS"] == ""  # over the server's loopback default
+    manifests = render(chart, {"http": {"enabled": True, "port": 8081}})
+    container = server(pod(manifests))
+    assert env(container)["SIDECAR_HTTP_ADDRESS"] == "0.0.0.0:8081"
+    assert {"name": "sidecar-http", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    (http,) = [p for p in manifests["Service"][0]["spec"]["ports"] if p["name"] == "http"]
+    assert (http["port"], http["targetPort"]) == (8081, "sidecar-http")
+    # Beside an app: on the pod's loopback, where the app container reaches it.
+    beside = server(pod(render(example, {"sidecar": {"http": {"enabled": True}}})))
+    assert env(beside)["SIDECAR_HTTP_ADDRESS"] == "127.0.0.1:8080"
+    assert "sidecar-http" not in {p["name"] for p in beside["ports"]}
+    assert "must differ" in rejected(chart, {"http": {"enabled": True, "port": 9464}})
+
+
 def test_metrics_off(chart: helm_python.Chart) -> None:
     manifests = render(chart, {"metrics": {"enabled": False, "monitor": {"enabled": True}}})
     container = server(pod(manifests))
@@ -498,14 +516,17 @@ def test_sidecar_mode_pod_monitor(example: helm_python.Chart) -> None:
             "model x: give exactly one of path, export, pvc, image; got path, pvc",
         ),
         ({"models": [{"name": "x"}]}, "model x: give exactly one of path, export, pvc, image"),
-        ({"port": 50052}, "port, healthPort and metrics.port must differ"),
+        ({"port": 50052}, "port, healthPort, metrics.port and http.port must differ"),
         ({"transport": "unix"}, "transport: unix works in sidecar mode only"),
         (
             {"models": [{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]},
             "model names must be unique",
         ),
         ({"defaultModel": "nope"}, 'defaultModel "nope" is not one of the models'),
-        ({"service": {"port": 50052}}, "service.port, healthPort and metrics.port must differ"),
+        (
+            {"service": {"port": 50052}},
+            "service.port, healthPort, metrics.port and http.port must differ",
+        ),
         (
             {"service": {"headless": True, "type": "LoadBalancer"}},
             "service.headless needs service.type ClusterIP",
@@ -632,7 +653,7 @@ def test_schema_config_matches_the_server_settings() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     configurable = schema["properties"]["config"]["properties"]
     chart_sets = {"address", "models", "default_model", "device", "health_address"}
-    chart_sets.add("metrics_address")
+    chart_sets |= {"metrics_address", "http_address"}
     # Files the chart mounts from the Secrets named by tls and auth.
     chart_sets |= {"tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"}
     settings = {f.name for f in dataclasses.fields(config.Settings)}

@@ -9,7 +9,7 @@ import re
 import grpc
 import pytest
 
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.integration.bad_input import INVALID, ONE_MB, expect, still_serving

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from sidecar.grpc.envelope import grpc_calls
-from sidecar.grpc.server import SidecarServer
 from sidecar.grpc.stream import _StreamCall
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.integration.bad_input import INVALID, collect, expect, still_serving

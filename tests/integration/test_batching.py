@@ -91,6 +91,7 @@ async def tight(minilm_dir: Path) -> AsyncIterator[InferenceStub]:
     """A server with a 4-input queue and 6 requests in progress at most."""
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=minilm_dir),),
         max_client_batch_size=4,

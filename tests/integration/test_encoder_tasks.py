@@ -47,6 +47,7 @@ async def tasks_channel(
         ]
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(*models, ModelSettings(path=classifier_dir, name="triage")),
         max_rerank_passages=8,

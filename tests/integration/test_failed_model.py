@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
 from tests.conftest import channel_to, serving
@@ -29,6 +29,7 @@ async def damaged_server(
     model.write_bytes(bytes(data))
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=broken, name="broken"), ModelSettings(path=multilabel_dir)),
     )
@@ -67,7 +68,10 @@ async def test_no_loadable_model_refuses_to_start(tmp_path: Path) -> None:
     from sidecar.errors import ConfigError
 
     settings = Settings(
-        address="127.0.0.1:0", metrics_address="127.0.0.1:0", models=(ModelSettings(path=tmp_path),)
+        address="127.0.0.1:0",
+        http_address="",
+        metrics_address="127.0.0.1:0",
+        models=(ModelSettings(path=tmp_path),),
     )
     with pytest.raises(ConfigError, match=r"no model could be loaded.*has no manifest.json"):
         async with serving(settings):
@@ -82,6 +86,7 @@ async def test_unexpected_load_errors_fail_only_that_model(
     (garbled / "tokenizer.json").write_text("{not json")  # tokenizers raises its own error type
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=garbled, name="garbled"), ModelSettings(path=multilabel_dir)),
         verify_checksums=False,

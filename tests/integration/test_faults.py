@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.serving.served import ServedModel
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import inference_pb2_grpc
@@ -64,6 +64,7 @@ async def test_a_corrupt_graph_fails_its_model_with_a_clear_log_line(
     (corrupt / "model.onnx").write_bytes(b"this is not an ONNX graph")
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="",
         # Checksums off, so the graph itself reaches ONNX Runtime and is refused there.
         verify_checksums=False,

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.checkpoints import build_gpt2
@@ -58,6 +58,7 @@ async def generator(
 ) -> AsyncIterator[SidecarServer]:
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(
             ModelSettings(path=gpt2_dir, name="gpt2"),

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from sidecar.config import Settings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import common_pb2, inference_pb2, models_pb2
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from sidecar.v1.models_pb2_grpc import ModelsStub

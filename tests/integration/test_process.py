@@ -306,12 +306,12 @@ import asyncio, json, sys
 from importlib import metadata
 from pathlib import Path
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.domain import EmbedRequest
 
 async def main():
     model = ModelSettings(path=Path({str(minilm_dir)!r}))
-    settings = Settings(address="127.0.0.1:0", metrics_address="", models=(model,))
+    settings = Settings(address="127.0.0.1:0", http_address="", metrics_address="", models=(model,))
     server = await SidecarServer.start(settings)
     result = await server.dataplane.run(EmbedRequest(model="", inputs=["hello"]))
     await server.stop(grace=0)

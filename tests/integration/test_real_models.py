@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from sidecar.config import ModelSettings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import models_pb2
 from sidecar.v1.inference_pb2_grpc import InferenceStub

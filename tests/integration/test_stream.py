@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from sidecar.errors import InvalidInputError
-from sidecar.grpc.server import SidecarServer
 from sidecar.grpc.stream import run_stream
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 

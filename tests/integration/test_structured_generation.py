@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorLis
 
 from sidecar.config import ModelSettings, Settings
 from sidecar.generation.formats import JSON_OPTIONS
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.checkpoints import build_gpt2
@@ -70,6 +70,7 @@ async def server(
     wide = export_quietly(wide_source, tmp_path_factory.mktemp("models") / "wide", backend="both")
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(
             ModelSettings(path=wide, name="gpt2"),

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import ModelSettings, Settings
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.telemetry.logs import JsonFormatter
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
@@ -37,6 +37,7 @@ async def traced(
 ) -> AsyncIterator[SidecarServer]:
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=minilm_dir), ModelSettings(path=gpt2_dir, name="writer")),
         intra_op_threads=1,

@@ -40,6 +40,7 @@ def dirs(
 async def channel(dirs: dict[str, Path]) -> AsyncIterator[grpc.aio.Channel]:
     settings = Settings(
         address="127.0.0.1:0",
+        http_address="",
         metrics_address="127.0.0.1:0",
         models=(
             ModelSettings(path=dirs["minilm"], name="minilm-onnx", backend="onnx"),

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.config import ModelSettings, Settings
 from sidecar.errors import ConfigError
 from sidecar.grpc.auth import BearerTokenInterceptor
-from sidecar.grpc.server import SidecarServer
+from sidecar.server import SidecarServer
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1 import models_pb2, models_pb2_grpc
 from sidecar.v1.inference_pb2_grpc import InferenceStub
@@ -110,6 +110,7 @@ def settings_for(*models: ModelSettings, **overrides: object) -> Settings:
         **{
             "address": "127.0.0.1:0",
             "metrics_address": "127.0.0.1:0",
+            "http_address": "",
             "models": models,
             "intra_op_threads": 1,
             "grace_period_s": 0.0,
@@ -646,6 +647,7 @@ def test_sidecar_serve_exits_with_a_message_not_a_traceback(
     command = [
         *(BIN / "sidecar", "serve", "--model", str(minilm_dir)),
         *("--address", f"127.0.0.1:{free_port()}", "--metrics-address", ""),
+        "--http-address=",
         *("--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(key)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -181,7 +181,7 @@ def test_encoder_tasks_give_the_transformers_logits(
 
 def test_serving_path_does_not_import_torch() -> None:
     code = (
-        "import sys, sidecar.grpc.server, sidecar.serving.loader; "
+        "import sys, sidecar.server, sidecar.serving.loader; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     result = subprocess.run(

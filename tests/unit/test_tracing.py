@@ -61,7 +61,7 @@ def test_the_sampler_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_server_without_tracing_never_imports_the_sdk() -> None:
     code = (
-        "import sys, sidecar.grpc.server as s\n"
+        "import sys, sidecar.server as s\n"
         "from sidecar.telemetry.tracing import tracer_provider\n"
         "assert tracer_provider({}) is None\n"
         "assert 'opentelemetry.sdk.trace' not in sys.modules, 'the SDK was imported'\n"

@@ -80,6 +80,8 @@ def sidecar(
     # Several sidecars run side by side here: each serves its metrics on a port of its own.
     command += ["--address", address, "--device", device, "--log-level", "WARNING"]
     command += ["--metrics-address", "127.0.0.1:0", *extra]
+    if not any(flag.startswith("--http-address") for flag in extra):
+        command.append("--http-address=")
 
     def serving() -> bool:
         with grpc.insecure_channel(address) as channel:
@@ -267,8 +269,11 @@ def embedding(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  ceiling {by_size[best]:.1f} texts/s at batch {best}; by size {by_size}", flush=True)
 
     rows: list[dict[str, Any]] = []
-    print("sidecar over gRPC ...", flush=True)
-    with sidecar(model_dir, args.device, args.server_args) as address:
+    print("sidecar over gRPC (and its OpenAI-compatible HTTP API) ...", flush=True)
+    http_address = f"127.0.0.1:{free_port()}"
+    with sidecar(
+        model_dir, args.device, [*args.server_args, "--http-address", http_address]
+    ) as address:
         target = f"grpc://{address}"
         for n in CALLERS:
             rows.append(scenario(f"sidecar {n} callers", "sidecar", target, corpus_file, n, args))
@@ -285,7 +290,21 @@ def embedding(args: argparse.Namespace) -> dict[str, Any]:
             paired = inprocess.ceiling(model, sample, [best], args.ceiling_seconds)[best]
             row = scenario(f"paired 16 #{round_ + 1}", "paired", target, corpus_file, 16, args)
             print(f"    (ceiling just before: {paired:.1f} texts/s)", flush=True)
-            pairs.append({"ceiling": paired, "texts_per_s": row["texts_per_s"], **_pcts(row)})
+            # The same 16 callers over HTTP (POST /v1/embeddings, aiohttp), right after.
+            http = scenario(
+                "sidecar HTTP 16 callers", "http", f"openai://{http_address}", corpus_file, 16, args
+            )
+            if not round_:
+                rows.append(http)
+            pairs.append(
+                {
+                    "ceiling": paired,
+                    "texts_per_s": row["texts_per_s"],
+                    **_pcts(row),
+                    "http_texts_per_s": http["texts_per_s"],
+                    "http_p95_ms": http["p95_ms"],
+                }
+            )
         results["paired"] = pairs
     del model
     gc.collect()
@@ -429,6 +448,18 @@ def embedding_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             s16["texts_per_s"] / n16["texts_per_s"],
             ">= 3",
             met=s16["texts_per_s"] >= 3 * n16["texts_per_s"],
+        ),
+        ratio(
+            "HTTP / gRPC, 16 callers (throughput, paired medians)",
+            statistics.median(p["http_texts_per_s"] for p in pairs) / s16["texts_per_s"],
+            "report",
+            met=True,
+        ),
+        ratio(
+            "HTTP / gRPC, 16 callers (p95, paired medians)",
+            statistics.median(p["http_p95_ms"] for p in pairs) / s16["p95_ms"],
+            "report",
+            met=True,
         ),
         ratio(
             "batching gain: 16 callers / 1 caller",

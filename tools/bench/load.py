@@ -133,9 +133,14 @@ async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     else:
         limit = aiohttp.TCPConnector(limit=args.callers)
         async with aiohttp.ClientSession(connector=limit) as session:
+            # openai://host:port: the sidecar's OpenAI-compatible route; http://: the naive one.
+            if scheme == "openai":
+                url, field = f"http://{address}/v1/embeddings", "input"
+            else:
+                url, field = f"{args.target}/embed", "inputs"
 
             async def post(batch: list[str]) -> None:
-                async with session.post(f"{args.target}/embed", json={"inputs": batch}) as reply:
+                async with session.post(url, json={field: batch, "model": args.model}) as reply:
                     reply.raise_for_status()
                     await reply.read()
 
@@ -151,7 +156,11 @@ async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="grpc://host:port or http://host:port")
+    parser.add_argument(
+        "--target",
+        required=True,
+        help="grpc://host:port, openai://host:port (the HTTP API) or http://host:port (naive)",
+    )
     parser.add_argument("--model", default="")
     parser.add_argument("--corpus", required=True)
     parser.add_argument(

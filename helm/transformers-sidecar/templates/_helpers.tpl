@@ -124,15 +124,17 @@ The pod's terminationGracePeriodSeconds: whatever runs before SIGTERM reaches th
 {{- define "sidecar.check" -}}
 {{- $ports := list (include "sidecar.number" .v.healthPort) -}}
 {{- if .v.metrics.enabled -}}{{- $ports = append $ports (include "sidecar.number" .v.metrics.port) -}}{{- end -}}
+{{- if .v.http.enabled -}}{{- $ports = append $ports (include "sidecar.number" .v.http.port) -}}{{- end -}}
 {{- if or .standalone (eq .v.transport "tcp") -}}{{- $ports = append $ports (include "sidecar.number" .v.port) -}}{{- end -}}
 {{- if ne (len $ports) (len (uniq $ports)) -}}
-{{- fail (printf "port, healthPort and metrics.port must differ; got %s" (join ", " $ports)) -}}
+{{- fail (printf "port, healthPort, metrics.port and http.port must differ; got %s" (join ", " $ports)) -}}
 {{- end -}}
 {{- if .standalone -}}
 {{- $service := list (include "sidecar.number" .v.service.port) (include "sidecar.number" .v.healthPort) -}}
 {{- if .v.metrics.enabled -}}{{- $service = append $service (include "sidecar.number" .v.metrics.port) -}}{{- end -}}
+{{- if .v.http.enabled -}}{{- $service = append $service (include "sidecar.number" .v.http.port) -}}{{- end -}}
 {{- if ne (len $service) (len (uniq $service)) -}}
-{{- fail (printf "service.port, healthPort and metrics.port must differ; got %s" (join ", " $service)) -}}
+{{- fail (printf "service.port, healthPort, metrics.port and http.port must differ; got %s" (join ", " $service)) -}}
 {{- end -}}
 {{- if and .v.service.headless (ne .v.service.type "ClusterIP") -}}
 {{- fail (printf "service.headless needs service.type ClusterIP, not %s" .v.service.type) -}}

@@ -168,6 +168,11 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
     - name: sidecar-health
       containerPort: {{ include "sidecar.number" $v.healthPort }}
       protocol: TCP
+    {{- if and .standalone $v.http.enabled }}
+    - name: sidecar-http
+      containerPort: {{ include "sidecar.number" $v.http.port }}
+      protocol: TCP
+    {{- end }}
     {{- if $v.metrics.enabled }}
     - name: sidecar-metrics
       containerPort: {{ include "sidecar.number" $v.metrics.port }}
@@ -195,6 +200,8 @@ listens on the pod IP; a native sidecar is an init container that restarts Alway
       value: {{ include "sidecar.listenAddress" . | quote }}
     - name: SIDECAR_HEALTH_ADDRESS
       value: {{ printf "0.0.0.0:%s" (include "sidecar.number" $v.healthPort) | quote }}
+    - name: SIDECAR_HTTP_ADDRESS
+      value: {{ ternary (printf "%s:%s" (ternary "0.0.0.0" "127.0.0.1" .standalone) (include "sidecar.number" $v.http.port)) "" $v.http.enabled | quote }}
     - name: SIDECAR_METRICS_ADDRESS
       value: {{ ternary (printf "0.0.0.0:%s" (include "sidecar.number" $v.metrics.port)) "" $v.metrics.enabled | quote }}
     - name: SIDECAR_MODELS

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: a transport beside gRPC over the same dataplane."""
