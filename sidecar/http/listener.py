@@ -47,7 +47,9 @@ def _signature(paths: list[str]) -> list[tuple[int, int]]:
 class Certificates:
     """An SSL context from tls_cert_file / tls_key_file (and tls_client_ca_file for mTLS),
     re-read into the same context when the files change: new connections get the new
-    certificate, open ones keep theirs."""
+    certificate, open ones keep theirs. A renewal is tried on a scratch context first: a
+    failed load_cert_chain leaves a context without its key. CA certificates are only ever
+    added (OpenSSL cannot take one out of a context): removing one needs a restart."""
 
     def __init__(self, settings: Settings) -> None:
         self._cert, self._key = settings.tls_cert_file, settings.tls_key_file
@@ -59,24 +61,27 @@ class Certificates:
         self._load()
         self._seen = _signature(self._paths)
 
-    def _load(self) -> None:
-        self.context.load_cert_chain(self._cert, self._key)
+    def _load(self, context: ssl.SSLContext | None = None) -> None:
+        context = context or self.context
+        context.load_cert_chain(self._cert, self._key)
         if self._ca:
-            self.context.load_verify_locations(self._ca)
-            self.context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self._ca)
+            context.verify_mode = ssl.CERT_REQUIRED
 
     def reload(self) -> None:
         """Re-read the files if they changed; a bad renewal keeps the last good certificate."""
         seen = _signature(self._paths)
         if seen == self._seen:
             return
-        self._seen = seen  # reported once, not at every check
         try:
+            self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))  # a renewal half written fails
             self._load()
         except (OSError, ssl.SSLError) as exc:
+            # Tried again at the next check: the other file of a pair may not be written yet.
             log.error("the renewed TLS files cannot be used (%s); HTTP keeps the last ones", exc)
-        else:
-            log.info("HTTP listener: TLS certificate reloaded from %s", self._cert)
+            return
+        self._seen = seen
+        log.info("HTTP listener: TLS certificate reloaded from %s", self._cert)
 
 
 def _answers(path: str) -> bool:

@@ -8,7 +8,6 @@ status), and traced with a server span that joins the caller's W3C `traceparent`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -23,7 +22,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -32,7 +31,7 @@ from sidecar.dataplane.calls import Call, Calls
 from sidecar.dataplane.service import DataPlane
 from sidecar.domain import EmbedResult, GenerateChunk, RerankResult
 from sidecar.http import to_domain, to_json
-from sidecar.http.events import EventStream, disconnected
+from sidecar.http.events import EventStream, cancelled_on_disconnect
 from sidecar.http.status import CLIENT_CLOSED, code_name, error_of
 from sidecar.http.to_domain import Body, InvalidFieldError
 
@@ -139,32 +138,22 @@ class HttpApi:
                 "shorter inputs per call"
             )
         parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise errors.TooLargeError(
-                    f"the body is over max_message_bytes {limit}: send fewer or shorter inputs"
-                )
-            parts.append(part)
+        try:
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise errors.TooLargeError(
+                        f"the body is over max_message_bytes {limit}: send fewer or shorter inputs"
+                    )
+                parts.append(part)
+        except ClientDisconnect:
+            raise errors.CancelledError("the caller disconnected while sending the body") from None
         return to_domain.parse(b"".join(parts))
 
     async def _unless_left(self, request: Request, work: Coroutine[Any, Any, T]) -> T:
         """`work`'s result; cancelled as soon as the caller disconnects."""
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(disconnected(request.receive))
-        try:
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        finally:
-            watcher.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise errors.CancelledError("the caller disconnected before the answer")
+        async with cancelled_on_disconnect(request.receive):
+            return await work
 
     def _span(self, request: Request, route: str) -> Span | None:
         """A server span for the call, a child of the caller's traceparent when it sends one."""
@@ -201,10 +190,16 @@ class HttpApi:
         with trace.use_span(span, end_on_exit=False):
             yield
 
-    @staticmethod
-    def _failed(exc: BaseException) -> Response:
+    def _failed(self, exc: BaseException) -> Response:
         status, body, headers = error_of(exc)
-        return Response(_json(body), status, headers, media_type="application/json")
+        return self._closing(Response(_json(body), status, headers, media_type="application/json"))
+
+    def _closing(self, response: Response) -> Response:
+        """While draining, ask the caller to close the connection: its retry (the openai SDK
+        retries a 503 by itself) then opens a new one, which can reach another replica."""
+        if self._state() == "draining":
+            response.headers["connection"] = "close"
+        return response
 
     # -- unary routes ---------------------------------------------------------------------
 
@@ -217,18 +212,19 @@ class HttpApi:
                         self._authorize(request)
                         deadline = self._deadline(request)
                         body = await self._body(request) if request.method == "POST" else {}
-                        body["model"] = body.get("model") or request.path_params.get("model", "")
+                        body.setdefault("model", request.path_params.get("model", ""))
                         call.model = body["model"] if isinstance(body["model"], str) else ""
                         payload, headers = await self._unless_left(request, work(body, deadline))
                         data = _json(payload)
                         call.check_answer(len(data), headers.get("x-sidecar-model", ""))
                     response = Response(data, 200, headers, media_type="application/json")
                 except errors.PROPAGATE:
+                    self._ended(span, CLIENT_CLOSED)
                     raise
                 except BaseException as exc:  # a tokenizer's Rust panic is a BaseException
                     response = self._failed(exc)
             self._ended(span, response.status_code)
-            return response
+            return self._closing(response)
 
         return endpoint
 
@@ -304,15 +300,15 @@ class HttpApi:
                         events = _events(
                             stack, call, chunks, first, completion, include_usage=include_usage
                         )
-                        return EventStream(events, span, self._ended)
-                except errors.PROPAGATE:
-                    await stack.aclose()
-                    raise
-                except BaseException as exc:
+                        return EventStream(events, span, self._ended, stack.aclose)
+                except BaseException as exc:  # the call ends with it, counted by its kind
                     await stack.__aexit__(type(exc), exc, exc.__traceback__)
+                    if isinstance(exc, errors.PROPAGATE):
+                        self._ended(span, CLIENT_CLOSED)
+                        raise
                     response = self._failed(exc)
             self._ended(span, response.status_code)
-            return response
+            return self._closing(response)
 
         return endpoint
 
@@ -358,6 +354,7 @@ async def _events(
                     first = False
                 if chunk.finish is not None:
                     used = chunk.usage
+                    await chunks.aclose()  # the generation's slot is free before the last writes
                     break
                 chunk = await anext(chunks)
             if include_usage:

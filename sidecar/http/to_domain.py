@@ -53,6 +53,17 @@ def parse(raw: bytes) -> Body:
         raise InvalidInputError(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidInputError("the body's JSON is nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise InvalidInputError(f"the body holds a number that cannot be read: {exc}") from None
+    try:
+        # A \ud800 escape is valid JSON but no text: refused here, not in the tokenizer.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            "the body holds an unpaired UTF-16 surrogate escape (such as \\ud800): send text"
+        ) from None
+    except RecursionError:
+        raise InvalidInputError("the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidInputError(
             f"the body must be a JSON object, got {type(body).__name__}: see the OpenAI API "
@@ -61,11 +72,18 @@ def parse(raw: bytes) -> Body:
     return body
 
 
+def _shown(value: Any) -> str:
+    """A value for a message: short, whatever the caller sent."""
+    if isinstance(value, dict | list):
+        return "an object" if isinstance(value, dict) else "a list"
+    return json.dumps(value)[:80]
+
+
 def _typed(body: Body, name: str, kinds: tuple[type, ...], noun: str) -> Any:
     value = body.get(name)
     # bool is an int to Python, never to JSON callers.
     if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-        raise InvalidFieldError(name, f"{name} must be {noun}, got {json.dumps(value)[:80]}")
+        raise InvalidFieldError(name, f"{name} must be {noun}, got {_shown(value)}")
     return value
 
 
@@ -89,9 +107,15 @@ def integer(body: Body, name: str, least: int | None = None) -> int | None:
 def number(body: Body, name: str) -> float | None:
     """A finite number field; None when absent or null."""
     value = _typed(body, name, (int, float), "a number")
-    if value is not None and not math.isfinite(value):
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
         raise InvalidFieldError(name, f"{name} must be a finite number")
-    return None if value is None else float(value)
+    return number
 
 
 def boolean(body: Body, name: str, *, default: bool = False) -> bool:
@@ -100,7 +124,7 @@ def boolean(body: Body, name: str, *, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidFieldError(name, f"{name} must be true or false, got {json.dumps(value)}")
+        raise InvalidFieldError(name, f"{name} must be true or false, got {_shown(value)}")
     return value
 
 
@@ -225,10 +249,10 @@ def messages(body: Body) -> list[ChatMessage]:
         if not isinstance(message, dict):
             raise InvalidFieldError("messages", f"messages[{index}] must be an object")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidFieldError(
                 f"messages[{index}].role",
-                f"messages[{index}].role is {json.dumps(role)}: use one of "
+                f"messages[{index}].role is {_shown(role)}: use one of "
                 f"{', '.join(ROLES)} (tool messages are not supported)",
             )
         if message.get("tool_calls"):
@@ -261,7 +285,7 @@ def response_format(body: Body) -> ResponseFormat | None:
         return ResponseFormat(FormatKind.JSON_SCHEMA, json.dumps(schema))
     raise InvalidFieldError(
         "response_format",
-        f"response_format type {json.dumps(kind)} is not supported: use text, json_object or "
+        f"response_format type {_shown(kind)} is not supported: use text, json_object or "
         "json_schema",
     )
 

@@ -15,6 +15,7 @@ SCENARIOS = [
     *(f"sidecar {n} callers" for n in (1, 4, 16, 64)),
     "sidecar 32 per call",
     "sidecar Stream",
+    "sidecar HTTP 16 callers",
     *(f"naive {n} callers" for n in (1, 4, 16, 64)),
     "sidecar int8 16 callers",
 ]
@@ -51,10 +52,11 @@ def test_quick_bench_runs_every_scenario(
         assert not row["errors"], (name, row["errors"])
     assert results["ceiling"]["texts_per_s"] > 0
     assert 0.9 < results["int8"]["cosine_mean"] <= 1.0
-    assert len(results["ratios"]) == 16
-    assert [r["name"] for r in results["ratios"][9:13]] == GENERATION_RATIOS
-    assert [r["name"] for r in results["ratios"][13:]] == STRUCTURED_RATIOS
+    assert len(results["ratios"]) == 18
+    assert [r["name"] for r in results["ratios"][11:15]] == GENERATION_RATIOS
+    assert [r["name"] for r in results["ratios"][15:]] == STRUCTURED_RATIOS
     assert "tracing on / off, 16 callers (paired medians)" in done.stdout
+    assert "HTTP / gRPC, 16 callers (throughput, paired medians)" in done.stdout
     (turn,) = results["tracing"]
     assert turn["on"] > 0
     assert turn["off"] > 0

@@ -348,6 +348,17 @@ BAD_BODIES: list[tuple[str, bytes | dict[str, Any], int, str]] = [
     ("/v1/completions", {"model": "gpt2", "prompt": [1, 2]}, 400, "token id"),
     ("/v1/completions", {"model": "gpt2", "prompt": "x", "stop": 5}, 400, "stop"),
     ("/v1/rerank", {"model": "reranker", "documents": ["a"]}, 400, "query"),
+    ("/v1/embeddings", b'{"input": "\\ud800", "model": "\\udfff"}', 400, "surrogate"),
+    ("/v1/embeddings", b'{"input": "x", "dimensions": 1' + b"0" * 5000 + b"}", 400, "number"),
+    ("/v1/embeddings", {"input": "x", "model": 0}, 400, "model must be a string"),
+    (
+        "/v1/chat/completions",
+        {"model": "gpt2", "messages": [{"role": "user", "content": "x"}], "top_p": 10**400},
+        400,
+        "finite",
+    ),
+    ("/v1/chat/completions", {"model": "gpt2", "messages": [{"role": []}]}, 400, "role"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": [[[[1]]]] * 3}, 400, "a list"),
     ("/v1/rerank", {"model": "reranker", "query": "q", "documents": [3]}, 400, "documents[0]"),
 ]
 
@@ -389,10 +400,29 @@ async def test_a_deadline_from_the_timeout_header_is_504(raw: httpx.AsyncClient)
     assert answer.json()["error"]["type"] == "timeout"
 
 
+async def test_a_streamed_completion_keeps_its_deadline_past_the_first_chunk(
+    raw: httpx.AsyncClient, server: SidecarServer
+) -> None:
+    # SmolLM2 takes seconds for 200 tokens here; the deadline is half a second.
+    body = {"model": "smollm2", "prompt": "Once", "max_tokens": 200, "stream": True}
+    began = time.monotonic()
+    async with raw.stream(
+        "POST", "/v1/completions", json=body, headers={"x-request-timeout": "0.5"}
+    ) as response:
+        assert response.status_code == 200
+        events = [line async for line in response.aiter_lines() if line]
+    assert time.monotonic() - began < 5
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "timeout"
+    assert server.dataplane.generations.running == 0
+
+
 async def test_overload_is_429_with_retry_after(
     raw: httpx.AsyncClient, client: openai.AsyncOpenAI, server: SidecarServer
 ) -> None:
-    body = {"model": "gpt2", "prompt": "x", "max_tokens": 100, "stream": True}
+    # Held by SmolLM2 streams nobody reads: seconds each, so the slots stay taken.
+    body = {"model": "smollm2", "prompt": "Once", "max_tokens": 100, "stream": True}
     opened = []
     try:
         for _ in range(SLOTS):  # streams that hold a generation each, read no further
@@ -437,18 +467,32 @@ async def test_a_client_that_leaves_mid_stream_stops_its_generation(
 
 
 async def test_metrics_count_http_calls_by_route_status_and_transport(
-    server: SidecarServer, raw: httpx.AsyncClient
+    server: SidecarServer, raw: httpx.AsyncClient, stub: InferenceStub
 ) -> None:
-    await raw.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "counted"})
-    await raw.post("/v1/embeddings", json={"model": "nope", "input": "counted"})
-    scraped = (await raw.get(f"http://127.0.0.1:{server.metrics_port}/metrics")).text
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     ok = (
         'sidecar_requests_total{code="200",model="all-minilm-l6-v2",'
         'rpc="/v1/embeddings",transport="http"}'
     )
-    assert ok in scraped
-    assert 'code="404",model="nope",rpc="/v1/embeddings",transport="http"' in scraped
-    assert 'rpc="Embed",transport="grpc"' in scraped
+    missing = (
+        'sidecar_requests_total{code="404",model="gone",rpc="/v1/embeddings",transport="http"}'
+    )
+    grpc_ok = (
+        'sidecar_requests_total{code="OK",model="all-minilm-l6-v2",rpc="Embed",transport="grpc"}'
+    )
+
+    async def counts() -> list[float]:
+        scraped = (await raw.get(url)).text.splitlines()
+        samples = [line.rsplit(" ", 1) for line in scraped if not line.startswith("#")]
+        found = {series: float(value) for series, value in samples}
+        return [found.get(series, 0.0) for series in (ok, missing, grpc_ok)]
+
+    before = await counts()
+    await raw.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "counted"})
+    await raw.post("/v1/embeddings", json={"model": "gone", "input": "counted"})
+    await stub.Embed(pb.EmbedRequest(model="all-minilm-l6-v2", inputs=["counted"]))
+    after = await counts()
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
 
 
 async def test_health_is_200_while_serving(raw: httpx.AsyncClient) -> None:
@@ -575,7 +619,10 @@ async def test_draining_answers_503_and_lets_a_stream_finish(smollm2_dir: Path) 
         assert (health.status_code, health.json()) == (503, {"status": "draining"})
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
+        assert refused.headers["connection"] == "close"
         assert rest[-1] == "data: [DONE]"
+        last = json.loads(rest[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] in ("stop", "length"), last
         began = time.monotonic()
         await stopping
         assert time.monotonic() - began < 10

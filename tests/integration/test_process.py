@@ -318,7 +318,8 @@ async def main():
     owners = metadata.packages_distributions()
     # Not needs: setuptools' .pth loads _distutils_hack at start-up in any venv, and grpc
     # imports grpc_tools only if it happens to be installed.
-    skip = {{"sidecar", "_distutils_hack", "grpc_tools"}}
+    # anyio imports sniffio only when it is installed.
+    skip = {{"sidecar", "_distutils_hack", "grpc_tools", "sniffio"}}
     tops = {{m.split(".")[0] for m in sys.modules}} - set(sys.stdlib_module_names) - skip
     dists = {{d for t in tops for d in owners.get(t, [])}}
     print(json.dumps({{"dimensions": result.dimensions, "distributions": sorted(dists)}}))

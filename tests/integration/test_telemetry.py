@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,7 +38,7 @@ async def traced(
 ) -> AsyncIterator[SidecarServer]:
     settings = Settings(
         address="127.0.0.1:0",
-        http_address="",
+        http_address="127.0.0.1:0",
         metrics_address="127.0.0.1:0",
         models=(ModelSettings(path=minilm_dir), ModelSettings(path=gpt2_dir, name="writer")),
         intra_op_threads=1,
@@ -88,6 +89,49 @@ async def test_a_call_joins_the_callers_trace_with_its_child_spans(
     # No request text anywhere unless log_inputs is on.
     assert all(SECRET not in json.dumps(s.attributes) for s in receiver.spans)
     assert spans
+
+
+async def test_an_http_call_joins_the_callers_trace_with_its_child_spans(
+    traced: SidecarServer, receiver: OtlpReceiver
+) -> None:
+    caller = "00f067aa0ba902c1"
+    # An async client: the server runs in this test's event loop.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{traced.http_port}") as http:
+        answer = await http.post(
+            "/v1/embeddings",
+            json={"input": ["short"]},
+            headers={"traceparent": traceparent(caller)[0][1]},
+            timeout=30,
+        )
+    assert answer.status_code == 200
+    (server,) = await receiver.wait_for(lambda s: s.parent_span_id == caller, timeout=10)
+    assert server.trace_id == TRACE_ID
+    assert server.name == "POST /v1/embeddings"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["sidecar.model"] == "minilm"
+    await receiver.wait_for(
+        lambda s: s.trace_id == TRACE_ID and s.parent_span_id == server.span_id, timeout=10
+    )
+    children = {s.name for s in receiver.children(server)}
+    assert children >= {"tokenize", "queue", "inference", "postprocess"}
+
+
+async def test_a_streamed_http_completion_is_one_span_to_its_end(
+    traced: SidecarServer, receiver: OtlpReceiver
+) -> None:
+    caller = "00f067aa0ba902c2"
+    body = {"model": "writer", "prompt": "x", "max_tokens": 5, "stream": True}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{traced.http_port}") as http:
+        answer = await http.post(
+            "/v1/completions",
+            json=body,
+            headers={"traceparent": traceparent(caller)[0][1]},
+            timeout=30,
+        )
+    assert answer.text.endswith("data: [DONE]\n\n")
+    (server,) = await receiver.wait_for(lambda s: s.parent_span_id == caller, timeout=10)
+    assert server.name == "POST /v1/completions"
+    assert server.attributes["gen_ai.usage.output_tokens"] == 5
 
 
 async def test_errors_are_recorded_with_their_status(

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import urllib.request
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx2 as httpx
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
@@ -658,3 +660,33 @@ def test_sidecar_serve_exits_with_a_message_not_a_traceback(
         "mismatched": f"sidecar: tls_key_file {key} is not the private key of the certificate",
     }[case]
     assert expected in done.stderr
+
+
+async def test_the_http_api_serves_tls_and_mtls_from_the_same_files(
+    minilm_dir: Path, pki: Pki
+) -> None:
+    settings = settings_for(
+        ModelSettings(path=minilm_dir, name="minilm"),
+        http_address="127.0.0.1:0",
+        tls_cert_file=str(pki.server_cert),
+        tls_key_file=str(pki.server_key),
+        tls_client_ca_file=str(pki.ca_file),
+    )
+    body = {"model": "minilm", "input": "over TLS"}
+    async with serving(settings) as server:
+        url = f"https://localhost:{server.http_port}/v1/embeddings"
+        trusted = ssl.create_default_context(cafile=str(pki.ca_file))
+        trusted.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        async with httpx.AsyncClient(verify=trusted) as client:
+            answer = await client.post(url, json=body)
+        assert answer.status_code == 200
+        assert len(answer.json()["data"][0]["embedding"]) == 384
+        # No client certificate: the handshake fails (mTLS), as on the gRPC port.
+        anonymous = ssl.create_default_context(cafile=str(pki.ca_file))
+        async with httpx.AsyncClient(verify=anonymous) as client:
+            with pytest.raises(httpx.TransportError):
+                await client.post(url, json=body)
+        # Plain HTTP to the TLS port gets no answer.
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.TransportError):
+                await client.post(url.replace("https", "http"), json=body)

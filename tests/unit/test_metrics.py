@@ -89,10 +89,10 @@ def test_a_malformed_address_is_refused(metrics: Metrics, address: str) -> None:
 def test_requests_are_counted_by_rpc_model_and_code(recorded: tuple[Metrics, int]) -> None:
     _, port = recorded
     found = samples(scrape(port)[1])
-    ok = {"rpc": "Embed", "model": "m", "code": "OK"}
+    ok = {"rpc": "Embed", "model": "m", "code": "OK", "transport": "grpc"}
     assert value(found, "sidecar_requests_total", **ok) == 3
     assert value(found, "sidecar_requests_total", **(ok | {"code": "INVALID_ARGUMENT"})) == 1
-    embed = {"rpc": "Embed", "model": "m"}
+    embed = {"rpc": "Embed", "model": "m", "transport": "grpc"}
     assert value(found, "sidecar_request_duration_seconds_count", **embed) == 4
     assert value(found, "sidecar_request_duration_seconds_sum", **embed) == pytest.approx(0.0125)
     # 0.0005 falls in the first (1 ms) bucket, 0.002 by 2.5 ms, 0.004 by 5 ms, 0.006 by 10 ms.
@@ -176,12 +176,12 @@ def test_openmetrics_carries_the_trace_id_exemplar(recorded: tuple[Metrics, int]
     assert len(with_exemplar) == 1
     (bucket,) = with_exemplar
     assert bucket.name == "sidecar_request_duration_seconds_bucket"
-    assert bucket.labels == {"rpc": "Generate", "model": "g", "le": "2.5"}
+    assert bucket.labels == {"rpc": "Generate", "model": "g", "transport": "grpc", "le": "2.5"}
     assert bucket.exemplar is not None
     assert bucket.exemplar.labels == {"trace_id": TRACE_ID}
     assert bucket.exemplar.value == 1.5
     # Counts agree with the plain-text scrape.
-    ok = {"rpc": "Embed", "model": "m", "code": "OK"}
+    ok = {"rpc": "Embed", "model": "m", "code": "OK", "transport": "grpc"}
     assert value(found, "sidecar_requests_total", **ok) == 3
     # Plain text has no exemplars: Prometheus without exemplar storage parses it as usual.
     assert TRACE_ID not in scrape(port)[1]
@@ -196,7 +196,7 @@ def test_two_instances_in_one_process_do_not_clash() -> None:
         first.call("Embed", "m", "OK", 0.01)
         first.call("Embed", "m", "OK", 0.01)
         second.call("Embed", "m", "OK", 0.01)
-        ok = {"rpc": "Embed", "model": "m", "code": "OK"}
+        ok = {"rpc": "Embed", "model": "m", "code": "OK", "transport": "grpc"}
         assert value(samples(scrape(first_port)[1]), "sidecar_requests_total", **ok) == 2
         assert value(samples(scrape(second_port)[1]), "sidecar_requests_total", **ok) == 1
     finally:
