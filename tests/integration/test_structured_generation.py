@@ -388,8 +388,10 @@ async def test_a_deadline_stops_a_constrained_generation(
     stub: InferenceStub, server: SidecarServer
 ) -> None:
     start = await settled_steps(server, "gpt2")
+    # Short enough that even an idle machine cannot finish the reply first (the regex takes
+    # a few hundred steps of multi-letter tokens: under 0.3 s when nothing else runs).
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await generate(stub, prompt="hi", response_format=LONG, max_new_tokens=1000, timeout=0.3)
+        await generate(stub, prompt="hi", response_format=LONG, max_new_tokens=1000, timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await settled_steps(server, "gpt2") - start < 1000
     assert server.dataplane.generations.running == 0
