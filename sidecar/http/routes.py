@@ -192,7 +192,7 @@ class HttpApi:
 
     def _failed(self, exc: BaseException) -> Response:
         status, body, headers = error_of(exc)
-        return self._closing(Response(_json(body), status, headers, media_type="application/json"))
+        return Response(_json(body), status, headers, media_type="application/json")
 
     def _closing(self, response: Response) -> Response:
         """While draining, ask the caller to close the connection: its retry (the openai SDK
