@@ -17,6 +17,7 @@ import yaml
 
 from sidecar.errors import ConfigError
 from sidecar.runtime.devices import parse_device
+from sidecar.runtime.threads import cpu_count
 
 ENV_PREFIX = "SIDECAR_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -85,9 +86,16 @@ class Settings:
         "auto",
         "torch backend weights: auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16",
     )
-    intra_op_threads: int = _setting(0, "ONNX Runtime threads per operator; 0 = one per core")
+    intra_op_threads: int = _setting(
+        0,
+        "ONNX Runtime threads per operator, and with adapting passes the cores forward passes "
+        "share; 0 = one per core",
+    )
     inference_workers: int = _setting(
-        1, "threads running forward passes, shared by all models (one pass each at a time)"
+        0,
+        "forward passes at once, all models together, each on intra_op_threads; 0 = adapt to "
+        "the queue on a CPU: one pass on every core while it is shallow, one single-threaded "
+        "pass per core side by side while it is deep",
     )
     max_batch_tokens: int = _setting(
         8192, "padded tokens (inputs x longest input) in one forward pass"
@@ -167,8 +175,20 @@ class Settings:
         return model.torch_dtype or self.torch_dtype
 
     def model_threads(self, model: ModelSettings) -> int:
-        """The ONNX Runtime intra-op thread count of a model."""
+        """The ONNX Runtime intra-op thread count of a model (0 = one per core)."""
         return self.intra_op_threads if model.intra_op_threads is None else model.intra_op_threads
+
+    @property
+    def adaptive_passes(self) -> bool:
+        """Whether forward passes adapt their threads to the queue (inference_workers 0)."""
+        return self.inference_workers == 0
+
+    def pass_threads(self, model: ModelSettings) -> int:
+        """The threads a model's full-width pass runs on. Adapting passes count the cores
+        this process may use (its CPU quota included) rather than leave ONNX Runtime to
+        count the machine's."""
+        threads = self.model_threads(model)
+        return threads or (cpu_count() if self.adaptive_passes else 0)
 
 
 def check_transport_security(settings: Settings) -> None:
@@ -283,7 +303,6 @@ def _check_ranges(settings: Settings) -> None:
         "max_message_bytes",
         "max_metadata_bytes",
         "stream_max_in_flight",
-        "inference_workers",
         "max_batch_tokens",
         "max_batch_size",
         "max_queue_size",
@@ -297,6 +316,7 @@ def _check_ranges(settings: Settings) -> None:
             raise ConfigError(f"setting {name!r} must be at least 1, got {getattr(settings, name)}")
     for name in (
         "intra_op_threads",
+        "inference_workers",
         "grace_period_s",
         "max_batch_delay_ms",
         "max_connection_age_s",

@@ -20,6 +20,7 @@ from sidecar.errors import ConfigError
 from sidecar.grpc.auth import TransportSecurity
 from sidecar.grpc.server import GrpcListener
 from sidecar.http.listener import HttpListener
+from sidecar.runtime.threads import ThreadBudget, cpu_count
 from sidecar.serving.engines import Engines
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.observer import Telemetry
@@ -38,9 +39,16 @@ class SidecarServer:
         # Tracing follows the OTEL_* variables of the process, as the OTel SDK reads them.
         provider = tracer_provider(os.environ)
         self.telemetry = Telemetry(Metrics(), provider, log_inputs=settings.log_inputs)
-        self._inference_pool = ThreadPoolExecutor(
-            settings.inference_workers, thread_name_prefix="inference"
-        )
+        # Adapting passes count cores (a pass takes one, or all of them): intra_op_threads
+        # of them (the chart sets it to the pod's CPU request), else what this process may
+        # use. Fixed workers count passes, one unit each.
+        cores = settings.intra_op_threads or cpu_count()
+        if settings.adaptive_passes:
+            workers, budget = cores, ThreadBudget(cores, wide=cores)
+        else:
+            workers = settings.inference_workers
+            budget = ThreadBudget(workers)
+        self._inference_pool = ThreadPoolExecutor(workers, thread_name_prefix="inference")
         # Tokenizing is short and releases the GIL; two threads keep it off the batch's path.
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="model-load")
@@ -49,7 +57,7 @@ class SidecarServer:
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
-            workers=settings.inference_workers,
+            workers=workers,
         )
         self.engines = Engines(
             limits,
@@ -57,6 +65,7 @@ class SidecarServer:
             self._inference_pool,
             self._prepare_pool,
             self.telemetry,
+            budget,
         )
         self.registry = ModelRegistry(
             settings, self.telemetry.metrics.model_loaded, self.engines.attach

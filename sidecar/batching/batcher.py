@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanContext
 
 from sidecar.batching.planner import plan
 from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+from sidecar.runtime.threads import Lane, ThreadBudget
 from sidecar.telemetry.tracing import Stamps, current_context
 
 
@@ -68,7 +69,7 @@ class BatchLimits:
     max_batch_size: int  # inputs in one forward pass
     max_batch_delay_s: float  # longest an input waits for company before its batch starts
     max_queue_size: int  # inputs tokenizing or waiting, per model
-    workers: int  # forward passes at once, when the batcher is not given shared slots
+    workers: int  # forward passes at once, when the batcher is not given a shared budget
 
 
 class BatchObserver(Protocol):
@@ -167,21 +168,33 @@ class _Queued(Generic[T]):
     value: T
 
 
+# A model whose passes run one way: each takes one unit of the budget, on the backend's own
+# thread setting.
+ONE_LANE = (Lane(1, None),)
+
+
 class Batcher(Generic[T]):
-    """The queue and batch loop of one model, its Engine. Start lazily; `close()` at shutdown."""
+    """The queue and batch loop of one model, its Engine. Start lazily; `close()` at shutdown.
+
+    `lanes` are the ways a pass may run, narrowest first. With two (one thread, every
+    thread), a batch that leaves nothing else queued runs wide, for the lowest latency,
+    and while more waits each batch runs on one thread, side by side with the next one.
+    """
 
     def __init__(
         self,
         name: str,
-        run: Callable[[list[T]], BatchOutput],
+        run: Callable[[list[T], int | None], BatchOutput],
         limits: BatchLimits,
         model_pool: Executor,
         prepare_pool: Executor,
-        slots: asyncio.Semaphore | None = None,
+        slots: ThreadBudget | None = None,
         observer: BatchObserver | None = None,
+        lanes: Sequence[Lane] = ONE_LANE,
     ) -> None:
-        """`slots` bounds forward passes in flight; share one among the batchers that share
-        `model_pool`, so a batch is only cut when a thread is free to run it."""
+        """`slots` counts the threads (or passes) free to run a batch; share one among the
+        batchers that share `model_pool`, so a batch is only cut when it can start at once.
+        `run(inputs, threads)` runs a pass on the lane's thread count."""
         self.name = name
         self.limits = limits
         self._run_batch = run
@@ -190,7 +203,8 @@ class Batcher(Generic[T]):
         self._pending: list[_Queued[T]] = []  # oldest first
         self._depth = 0
         self._arrived = asyncio.Event()
-        self._slots = slots or asyncio.Semaphore(limits.workers)
+        self._slots = slots or ThreadBudget(limits.workers)
+        self._narrow, self._wide = lanes[0], lanes[-1]
         self._running: dict[asyncio.Task[None], list[_Queued[T]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -266,7 +280,7 @@ class Batcher(Generic[T]):
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            await self._slots.acquire()
+            await self._slots.acquire(self._narrow.units)
             # Calls may have left (cancel, deadline) while this waited for a worker.
             while limits.max_batch_delay_s > 0 and 0 < len(self._pending) < limits.max_batch_size:
                 # Wait for company, but never hold the oldest input past the delay.
@@ -280,11 +294,19 @@ class Batcher(Generic[T]):
                     break
             batch = self._take()
             if not batch:
-                self._slots.release()
+                self._slots.release(self._narrow.units)
                 continue
-            task = asyncio.create_task(self._run(batch))
+            task = asyncio.create_task(self._run(batch, self._lane()))
             self._running[task] = batch
             task.add_done_callback(self._batch_ended)
+
+    def _lane(self) -> Lane:
+        """Wide when this batch is all there is (nothing queued or tokenizing behind it) and
+        the extra threads are free; else narrow, leaving the other threads to the next."""
+        extra = self._wide.units - self._narrow.units
+        if extra and not self._depth and self._slots.try_acquire(extra):
+            return self._wide
+        return self._narrow
 
     def _batch_ended(self, task: asyncio.Task[None]) -> None:
         batch = self._running.pop(task)
@@ -326,7 +348,7 @@ class Batcher(Generic[T]):
             self._depth -= 1
         return batch
 
-    async def _run(self, batch: list[_Queued[T]]) -> None:
+    async def _run(self, batch: list[_Queued[T]], lane: Lane) -> None:
         """Run one batch on the model pool and hand each row to its call."""
         started, started_ns = time.monotonic(), time.time_ns()
         for queued in batch:
@@ -337,7 +359,7 @@ class Batcher(Generic[T]):
         span: SpanContext | None = None
         try:
             output = await asyncio.get_running_loop().run_in_executor(
-                self._model_pool, self._run_batch, [q.value for q in batch]
+                self._model_pool, self._run_batch, [q.value for q in batch], lane.threads
             )
         except (Exception, asyncio.CancelledError) as exc:
             self._observe(batch, lengths, padded, started_ns, exc)
@@ -362,7 +384,7 @@ class Batcher(Generic[T]):
                         queued.index, output.rows[row], output, len(batch), padded, span
                     )
         finally:
-            self._slots.release()
+            self._slots.release(lane.units)
 
     def _observe(
         self,

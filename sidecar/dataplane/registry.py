@@ -151,10 +151,11 @@ class ModelRegistry:
                 entry.settings.path,
                 manifest,
                 entry.status.device,
-                self._settings.model_threads(entry.settings),
+                self._settings.pass_threads(entry.settings),
                 verify_checksums=self._settings.verify_checksums,
                 backend=entry.status.backend,
                 torch_dtype=self._settings.model_dtype(entry.settings),
+                single_thread_lane=self._settings.adaptive_passes,
             )
             entry.model = await loop.run_in_executor(executor, load)
         except SidecarError as exc:

@@ -5,8 +5,8 @@ decoder step, so a generation that joins mid-way shares the next run instead of 
 for the others to finish. A new generation's prefill runs as a job of its own, taking
 turns with the shared steps: it waits for at most one step, and the running generations
 for at most one prefill, however many arrive at once. Every job holds
-one of the inference slots the encoder batchers use, so decode steps and encoder batches
-take turns on the same threads and neither starves the other.
+the full width of the thread budget the encoder batchers use (`async with slots`), so
+decode steps and encoder batches take turns on the same cores and neither starves the other.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sidecar.errors import PROPAGATE, ModelNotReadyError, SidecarError
 from sidecar.generation import formats
 from sidecar.generation.sequence import Sequence
 from sidecar.runtime.backend import Decoder
+from sidecar.runtime.threads import ThreadBudget
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DecodeScheduler:
         name: str,
         decoder: Decoder,
         pool: Executor,
-        slots: asyncio.Semaphore,
+        slots: ThreadBudget | asyncio.Semaphore,
         max_batch: int,
     ) -> None:
         self._name = name

@@ -17,9 +17,19 @@ class Backend(Protocol):
     name: str  # "onnx" or "torch"
     device: str  # "cpu" or "cuda:<index>"
     input_names: tuple[str, ...]
+    intra_op_threads: int  # CPU threads one pass uses; 0 = the runtime's default (every core)
 
-    def run(self, inputs: Arrays) -> dict[str, npt.NDArray[np.float32]]:
-        """One forward pass; returns the model's outputs by name."""
+    @property
+    def single_thread_lane(self) -> bool:
+        """Whether run(inputs, threads=1) has a one-thread lane of its own."""
+        ...
+
+    def run(self, inputs: Arrays, threads: int | None = None) -> dict[str, npt.NDArray[np.float32]]:
+        """One forward pass; returns the model's outputs by name.
+
+        `threads` asks for a pass on that many CPU threads where the backend can run one
+        (see OnnxBackend's single-thread lane); None, or a backend that cannot, uses its own.
+        """
         ...
 
 

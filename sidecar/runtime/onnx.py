@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -13,24 +14,43 @@ from sidecar.runtime.backend import Arrays
 from sidecar.runtime.devices import CUDA, canonical_device, onnx_providers
 
 
+def _session(path: Path, providers: list[tuple[str, dict[str, Any]]], threads: int) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # Calls come from a few executor threads; operator-level parallelism is intra-op.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelLoadError(f"ONNX Runtime cannot load {path}: {exc}") from None
+
+
 class OnnxBackend:
-    """A model file in an ONNX Runtime session on the CPU or CUDA provider."""
+    """A model file in an ONNX Runtime session on the CPU or CUDA provider.
+
+    With `single_thread_lane` (CPU only) a second session of the same file runs on one
+    intra-op thread, so that while a queue is deep two passes run side by side, each on
+    its own core, instead of one pass split across both: for short inputs the threads of a
+    split pass spend much of their time waiting for each other at every operator. The
+    lane costs a second copy of the weights.
+    """
 
     name = "onnx"
 
-    def __init__(self, path: Path, device: str, intra_op_threads: int = 0) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        # Calls come from a few executor threads; operator-level parallelism is intra-op.
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+    def __init__(
+        self,
+        path: Path,
+        device: str,
+        intra_op_threads: int = 0,
+        *,
+        single_thread_lane: bool = False,
+    ) -> None:
         providers = onnx_providers(device, ort.get_available_providers())
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelLoadError(f"ONNX Runtime cannot load {path}: {exc}") from None
+        self._session = _session(path, providers, intra_op_threads)
+        self.intra_op_threads = intra_op_threads
         active = self._session.get_providers()
         if providers[0][0] == CUDA and active[0] != CUDA:
             # onnxruntime falls back to CPU silently when CUDA libraries are missing.
@@ -45,9 +65,22 @@ class OnnxBackend:
         self.input_shapes = {i.name: list(i.shape) for i in self._session.get_inputs()}
         self.input_types = {i.name: str(i.type) for i in self._session.get_inputs()}
         self.output_names = tuple(o.name for o in self._session.get_outputs())
+        # One thread is all the wide session has already: a lane of its own would add nothing.
+        wanted = single_thread_lane and self.device == "cpu" and intra_op_threads != 1
+        self._single: Any = _session(path, providers, 1) if wanted else None
 
-    def run(self, inputs: Arrays) -> dict[str, npt.NDArray[np.float32]]:
-        """Feed the inputs the graph declares (others are ignored) and return every output."""
+    @property
+    def single_thread_lane(self) -> bool:
+        """Whether `run(inputs, threads=1)` has a one-thread session of its own."""
+        return self._single is not None
+
+    def run(self, inputs: Arrays, threads: int | None = None) -> dict[str, npt.NDArray[np.float32]]:
+        """Feed the inputs the graph declares (others are ignored) and return every output.
+
+        `threads=1` runs on the single-thread lane where there is one; anything else runs
+        on the session built with `intra_op_threads`.
+        """
         feed = {name: inputs[name] for name in self.input_names}
-        outputs = self._session.run(None, feed)
+        session = self._single if threads == 1 and self._single is not None else self._session
+        outputs = session.run(None, feed)
         return dict(zip(self.output_names, outputs, strict=True))

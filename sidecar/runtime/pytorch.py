@@ -129,6 +129,10 @@ class TorchBackend(_TorchModel):
     classification logits [batch, seq, labels]; classify, rerank and zero-shot (sequence
     classifiers, the latter two fed text pairs) logits [batch, labels]."""
 
+    # torch's thread pool is the process's: every pass runs on all of it.
+    intra_op_threads = 0
+    single_thread_lane = False
+
     def __init__(self, model_dir: Path, task: Task, device: str, dtype: str = "auto") -> None:
         auto_class: Any
         if task is Task.EMBED:
@@ -145,8 +149,10 @@ class TorchBackend(_TorchModel):
         super().__init__(auto_class, model_dir, device, dtype)
         self.input_names = tuple(n for n in ENCODER_INPUTS if _accepts(self._model, n))
 
-    def run(self, inputs: Arrays) -> dict[str, npt.NDArray[np.float32]]:
-        """One forward pass on the inputs the model accepts; float32 outputs whatever the dtype."""
+    def run(self, inputs: Arrays, threads: int | None = None) -> dict[str, npt.NDArray[np.float32]]:
+        """One forward pass on the inputs the model accepts; float32 outputs whatever the dtype.
+
+        `threads` is ignored: torch's thread count is process-wide, not per call."""
         feed = {
             n: torch.from_numpy(np.asarray(inputs[n], dtype=np.int64)).to(self._device)
             for n in self.input_names

@@ -1,7 +1,7 @@
 """Each loaded model's engine, built when it loads: its batcher or its decode scheduler.
 
-Every engine shares the server's inference pool and one count of its free threads, so
-encoder batches and decode steps of all models take turns on the same threads and none
+Every engine shares the server's inference pool and one budget of its free threads, so
+encoder batches and decode steps of all models take turns on the same cores and none
 starves another. The dataplane only submits work to a model's engine.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 from sidecar.batching.batcher import Batcher, BatchLimits
 from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.runtime.engine import Engine
+from sidecar.runtime.threads import Lane, ThreadBudget
 from sidecar.serving.generative import GenerativeModel
 from sidecar.serving.served import LoadedModel, ServedModel
 from sidecar.telemetry.observer import Telemetry
@@ -29,15 +30,29 @@ class Engines:
         model_pool: Executor,
         prepare_pool: Executor,
         telemetry: Telemetry,
+        budget: ThreadBudget | None = None,
     ) -> None:
+        """`budget` counts cores when passes adapt (`wide` > 1), else passes (one unit each);
+        without one, `limits.workers` passes at once."""
         self._limits = limits
         self._max_decode_batch_size = max_decode_batch_size
         self._model_pool = model_pool
         self._prepare_pool = prepare_pool
         self._telemetry = telemetry
-        # One count of free inference threads for every engine: they share the pool.
-        self._slots = asyncio.Semaphore(limits.workers)
+        # One budget of free inference threads for every engine: they share the pool.
+        self._slots = budget or ThreadBudget(limits.workers)
         self._built: list[Engine[Any, Any]] = []
+
+    def lanes(self, model: ServedModel) -> tuple[Lane, ...]:
+        """How a model's passes may run, narrowest first, in units of the budget."""
+        budget = self._slots
+        if budget.wide == 1:  # fixed workers: a pass is one unit, on its own thread setting
+            return (Lane(1, None),)
+        threads = model.backend.intra_op_threads or budget.capacity
+        wide = Lane(min(threads, budget.capacity), None)
+        if model.backend.single_thread_lane and wide.units > 1:
+            return (Lane(1, 1), wide)
+        return (wide,)
 
     def attach(self, model: LoadedModel) -> None:
         """Give a model that just loaded its engine (on the event loop's thread)."""
@@ -50,6 +65,7 @@ class Engines:
                 self._prepare_pool,
                 self._slots,
                 self._telemetry,
+                self.lanes(model),
             )
             self._telemetry.metrics.queue_depth(model.name, lambda: batcher.depth)
             self._built.append(batcher)

@@ -40,10 +40,18 @@ def choose_backend(requested: str, manifest: Manifest, model_dir: Path) -> str:
 
 
 def _encoder_backend(
-    backend: str, model_dir: Path, manifest: Manifest, device: str, threads: int, dtype: str
+    backend: str,
+    model_dir: Path,
+    manifest: Manifest,
+    device: str,
+    threads: int,
+    dtype: str,
+    *,
+    single_thread_lane: bool,
 ) -> Backend:
     if backend == "onnx":
-        return OnnxBackend(model_dir / manifest.onnx_file, device, threads)
+        path = model_dir / manifest.onnx_file
+        return OnnxBackend(path, device, threads, single_thread_lane=single_thread_lane)
     from sidecar.runtime.pytorch import TorchBackend  # torch is imported only when asked for
 
     return TorchBackend(model_dir, manifest.task, device, dtype)
@@ -100,8 +108,13 @@ def load_model(
     verify_checksums: bool = True,
     backend: str = "auto",
     torch_dtype: str = "auto",
+    single_thread_lane: bool = False,
 ) -> LoadedModel:
-    """Load one model dir; raises ModelLoadError (or ConfigError) naming what is wrong."""
+    """Load one model dir; raises ModelLoadError (or ConfigError) naming what is wrong.
+
+    `single_thread_lane` gives an encoder on ONNX Runtime's CPU provider a second,
+    one-thread session, for the batcher to run passes side by side while its queue is deep.
+    """
     started = time.perf_counter()
     # Before anything opens a file: ONNX Runtime and transformers read files never named.
     check_contained(model_dir)
@@ -124,7 +137,13 @@ def load_model(
         model = GenerativeModel(name, model_dir, manifest, encoder, decoder, chat)
     else:
         runner = _encoder_backend(
-            chosen, model_dir, manifest, device, intra_op_threads, torch_dtype
+            chosen,
+            model_dir,
+            manifest,
+            device,
+            intra_op_threads,
+            torch_dtype,
+            single_thread_lane=single_thread_lane,
         )
         preflight(
             model_dir,

@@ -91,11 +91,12 @@ class ServedModel(LoadedModel):
         """The model's ids for each text, unpadded; over-long ones cut when `truncate`."""
         return self.encoder.encode_each(texts, truncate=truncate)
 
-    def infer(self, items: Sequence[EncodedText]) -> BatchOutput:
-        """One forward pass over a batch, reduced by the task to one row per input."""
+    def infer(self, items: Sequence[EncodedText], threads: int | None = None) -> BatchOutput:
+        """One forward pass over a batch, reduced by the task to one row per input; `threads`
+        picks the backend's lane (None: its own setting)."""
         batch = self.encoder.pad(items)
         t0 = time.perf_counter_ns()
-        outputs = self.backend.run(batch.feed())
+        outputs = self.backend.run(batch.feed(), threads)
         t1 = time.perf_counter_ns()
         rows = self.handler.reduce(self, outputs, batch, items)
         return BatchOutput(
@@ -143,4 +144,7 @@ class ServedModel(LoadedModel):
     def warm_up(self) -> None:
         """Run a short and a full-length batch so the first real call pays no allocation cost."""
         long_text = " ".join([WARM_UP_TEXT] * self.encoder.max_length)
-        self.infer(self.encode([WARM_UP_TEXT, long_text], truncate=True))
+        items = self.encode([WARM_UP_TEXT, long_text], truncate=True)
+        self.infer(items)
+        if self.backend.single_thread_lane:
+            self.infer(items, threads=1)

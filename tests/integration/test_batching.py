@@ -11,6 +11,11 @@ import numpy as np
 import pytest
 
 from sidecar.config import ModelSettings, Settings
+from sidecar.models.manifest import read_manifest
+from sidecar.runtime.threads import Lane
+from sidecar.server import SidecarServer
+from sidecar.serving.loader import load_model
+from sidecar.serving.served import ServedModel
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
 from tests.conftest import channel_to, serving
@@ -84,6 +89,23 @@ async def test_unary_batches_and_stream_items_share_one_queue(inference: Inferen
         assert [x.label for x in got_stream] == [best.label]
         assert [x.label for x in got_unary] == [x.label for x in expected.labels[:2]]
         assert got_unary[0].score == pytest.approx(best.score, abs=1e-5)
+
+
+def test_the_session_server_adapts_its_passes_and_both_lanes_agree(server: SidecarServer) -> None:
+    """The session server runs MiniLM on 2 threads with inference_workers at its default:
+    its passes may run wide (both threads) or single-threaded side by side, and the two
+    sessions behind them give the same rows."""
+    model = server.registry.resolve("minilm")
+    assert isinstance(model, ServedModel)
+    assert server.engines.lanes(model) == (Lane(1, 1), Lane(2, None))
+    items = model.encode(texts(12), truncate=True)
+    wide, narrow = model.infer(items), model.infer(items, threads=1)
+    np.testing.assert_allclose(narrow.rows, wide.rows, atol=2e-5)
+    # A fixed worker count keeps one session: no second copy of the weights.
+    manifest = read_manifest(model.model_dir)
+    fixed = load_model("fixed", model.model_dir, manifest, "cpu", 2)
+    assert isinstance(fixed, ServedModel)
+    assert not fixed.backend.single_thread_lane
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from sidecar.batching.batcher import Batcher, BatchLimits, BatchOutput, Work
 from sidecar.batching.planner import MAX_ADDED_COST, plan
 from sidecar.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
 from sidecar.generation.scheduler import next_job
+from sidecar.runtime.threads import Lane, ThreadBudget
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,24 @@ class Model:
         self.gate.set()
         self.entered = threading.Event()
         self.poison: set[int] = set()
+        self.threads: list[int | None] = []  # the lane each pass asked for
+        self._lock = threading.Lock()
+        self.inside = self.most_inside = 0  # passes running at once
 
-    def __call__(self, items: list[Text]) -> BatchOutput:
+    def __call__(self, items: list[Text], threads: int | None = None) -> BatchOutput:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return self._pass(items, threads)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+    def _pass(self, items: list[Text], threads: int | None) -> BatchOutput:
         self.entered.set()
         self.gate.wait(10)
+        self.threads.append(threads)
         self.batches.append(items)
         if any(item.tag in self.poison for item in items):
             raise RuntimeError("backend failed on this batch")
@@ -329,7 +344,7 @@ async def test_a_call_leaving_while_the_loop_waits_for_a_worker_breaks_nothing(
 async def test_a_wrong_row_count_fails_the_batch_and_the_batcher_goes_on(
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
 ) -> None:
-    def short(items: list[Text]) -> BatchOutput:
+    def short(items: list[Text], threads: int | None = None) -> BatchOutput:
         rows = np.zeros((len(items) - 1, 2), dtype=np.float32) if len(items) > 1 else None
         if rows is None:
             rows = np.array([[items[0].tag, items[0].length]], dtype=np.float32)
@@ -354,7 +369,7 @@ async def test_batchers_sharing_workers_cut_a_batch_only_when_one_is_free(
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
 ) -> None:
     model, other = Model(), Model()
-    slots = asyncio.Semaphore(1)
+    slots = ThreadBudget(1)
     first_batcher = Batcher("a", model, LIMITS, *pools, slots)
     second_batcher = Batcher("b", other, LIMITS, *pools, slots)
     first = await hold_first_batch(first_batcher, model)
@@ -396,3 +411,63 @@ def test_the_next_decode_job_alternates_prefills_and_shared_steps(
     fresh: list[bool], prefilled_last: bool, want: tuple[list[int], bool]
 ) -> None:
     assert next_job(fresh, prefilled_last=prefilled_last, max_batch=3) == want
+
+
+# Adapting passes: one thread each while the queue is deep, every thread when it is not.
+LANES = (Lane(1, 1), Lane(2, None))
+
+
+async def test_a_lone_call_runs_wide_and_a_deep_queue_runs_narrow_passes_side_by_side() -> None:
+    model, budget = Model(), ThreadBudget(2, wide=2)
+    with ThreadPoolExecutor(2) as model_pool, ThreadPoolExecutor(2) as prepare_pool:
+        limits = replace(LIMITS, max_batch_size=1)
+        batcher = Batcher("m", model, limits, model_pool, prepare_pool, budget, lanes=LANES)
+        assert (await submit(batcher, [Text(1, 4)])).tolist() == [[1, 4]]
+        assert model.threads == [None]  # nothing else waited: the whole budget
+        assert budget.free == 2
+        model.gate.clear()
+        calls = [asyncio.create_task(submit(batcher, [Text(i, 4)])) for i in range(2, 6)]
+        for _ in range(5000):
+            if model.inside == 2:
+                break
+            await asyncio.sleep(0.001)
+        # Two single-threaded passes hold one unit each; the other calls wait for a unit.
+        assert (model.inside, budget.free) == (2, 0)
+        model.gate.set()
+        rows = await asyncio.gather(*calls)
+        assert [r.tolist() for r in rows] == [[[i, 4]] for i in range(2, 6)]
+        assert model.threads[1:3] == [1, 1]
+        assert model.most_inside == 2
+        assert budget.free == 2
+        await batcher.close()
+
+
+async def test_a_wide_pass_of_another_engine_waits_for_the_narrow_ones_and_goes_first() -> None:
+    model, budget = Model(), ThreadBudget(2, wide=2)
+    with ThreadPoolExecutor(2) as model_pool, ThreadPoolExecutor(2) as prepare_pool:
+        limits = replace(LIMITS, max_batch_size=1)
+        batcher = Batcher("m", model, limits, model_pool, prepare_pool, budget, lanes=LANES)
+        model.gate.clear()
+        first = [asyncio.create_task(submit(batcher, [Text(i, 4)])) for i in range(2)]
+        for _ in range(5000):
+            if model.inside == 2:
+                break
+            await asyncio.sleep(0.001)
+        order: list[str] = []
+
+        async def decode_step() -> None:  # what a decode scheduler does for each step
+            async with budget:
+                order.append("wide")
+
+        step = asyncio.create_task(decode_step())
+        await asyncio.sleep(0.01)
+        later = asyncio.create_task(submit(batcher, [Text(9, 4)]))
+        await asyncio.sleep(0.01)
+        assert not order  # both units are held by the narrow passes
+        model.gate.set()
+        await asyncio.gather(step, later, *first)
+        # The wide step asked first: the later call's pass ran after it, not before.
+        assert order == ["wide"]
+        assert model.batches[-1] == [Text(9, 4)]
+        assert budget.free == 2
+        await batcher.close()
