@@ -109,6 +109,11 @@ class Settings:
     max_queue_size: int = _setting(
         1024, "inputs waiting per model; past it calls get RESOURCE_EXHAUSTED at once"
     )
+    result_cache_bytes: int = _setting(
+        0,
+        "bytes of encoder results kept to answer repeated inputs without a forward pass "
+        "(least recently used evicted first; all models together); 0 = off",
+    )
     max_concurrent_requests: int = _setting(
         512, "calls and Stream items in progress at once; past it RESOURCE_EXHAUSTED at once"
     )
@@ -321,6 +326,7 @@ def _check_ranges(settings: Settings) -> None:
         "max_batch_delay_ms",
         "max_connection_age_s",
         "http_timeout_s",
+        "result_cache_bytes",
     ):
         if getattr(settings, name) < 0:
             raise ConfigError(

@@ -54,11 +54,13 @@ T = TypeVar("T", bound=Sized)
 
 @dataclass(frozen=True)
 class Work(Generic[T]):
-    """One call's inputs for the batcher: `count` of them, encoded by `prepare`."""
+    """One call's inputs for the batcher: `count` of them, encoded by `prepare` on the
+    tokenizing pool, or already `encoded` (then queued at once, with no thread hop)."""
 
     count: int
     prepare: Callable[[], Sequence[T]]
     deadline: float | None  # time.monotonic()
+    encoded: Sequence[T] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,9 @@ class Batcher(Generic[T]):
         self._prepare_pool = prepare_pool
         self._pending: list[_Queued[T]] = []  # oldest first
         self._depth = 0
+        # Inputs a caller is encoding elsewhere before it submits them: they count in the
+        # depth, so the gauge and the choice of lane see them coming.
+        self.upstream = 0
         self._arrived = asyncio.Event()
         self._slots = slots or ThreadBudget(limits.workers)
         self._narrow, self._wide = lanes[0], lanes[-1]
@@ -213,7 +218,7 @@ class Batcher(Generic[T]):
     @property
     def depth(self) -> int:
         """Inputs tokenizing or waiting for a batch."""
-        return self._depth
+        return self._depth + self.upstream
 
     async def submit(self, work: Work[T]) -> JobOutput[T]:
         """Tokenize a call's inputs with `work.prepare`, queue them, return their rows."""
@@ -237,7 +242,10 @@ class Batcher(Generic[T]):
         try:
             async with asyncio.timeout_at(deadline):
                 began, wall = time.perf_counter_ns(), time.time_ns()
-                values = await loop.run_in_executor(self._prepare_pool, prepare)
+                if work.encoded is not None:
+                    values = work.encoded
+                else:
+                    values = await loop.run_in_executor(self._prepare_pool, prepare)
                 job.tokenize_us = (time.perf_counter_ns() - began) // 1000
                 job.enqueued = time.monotonic()
                 job.enqueued_ns = time.time_ns()
@@ -304,7 +312,7 @@ class Batcher(Generic[T]):
         """Wide when this batch is all there is (nothing queued or tokenizing behind it) and
         the extra threads are free; else narrow, leaving the other threads to the next."""
         extra = self._wide.units - self._narrow.units
-        if extra and not self._depth and self._slots.try_acquire(extra):
+        if extra and not self.depth and self._slots.try_acquire(extra):
             return self._wide
         return self._narrow
 

@@ -7,13 +7,13 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
-from sidecar.batching.batcher import Work
 from sidecar.config import Settings
 from sidecar.dataplane.admission import Admission, InFlightLimit
 from sidecar.dataplane.generation import Generation, Generations
 from sidecar.dataplane.registry import ModelRegistry
+from sidecar.dataplane.sharing import RowSharing
 from sidecar.domain import GenerateRequest, TokenizeRequest, TokenizeResult
-from sidecar.errors import DeadlineExceededError, ModelNotReadyError
+from sidecar.errors import DeadlineExceededError
 from sidecar.serving.engines import Engines
 from sidecar.serving.generative import GenerativeModel
 from sidecar.serving.served import ServedModel
@@ -54,6 +54,13 @@ class DataPlane:
         self._requests = InFlightLimit(
             settings.max_concurrent_requests, "requests", "max_concurrent_requests"
         )
+        # Every encoder call's rows: identical inputs computed once, and the result cache.
+        self.rows = RowSharing(
+            self.telemetry.metrics,
+            prepare_pool,
+            settings.max_queue_size,
+            settings.result_cache_bytes,
+        )
         self.generations = Generations(settings, prepare_pool, self.telemetry)
         self.telemetry.metrics.generations(lambda: self.generations.running)
 
@@ -62,16 +69,17 @@ class DataPlane:
 
         The request's kind is checked, a model that answers it is resolved, and the
         model's task prepares the call, reduces the forward pass and finishes the answer.
+        Each input's row comes from the result cache, an identical input in flight or the
+        model's engine (sharing.RowSharing).
         """
         kind = registry.kind_of(request)
         kind.check(request, self.input_limits)
         model = self.registry.resolve(request.model, kind.tasks, kind.rpc)
         assert isinstance(model, ServedModel)  # the registry checked the task
         prepared = model.handler.prepare(model, request, self.input_limits)
-        if model.engine is None:  # pragma: no cover - every served model has one
-            raise ModelNotReadyError(f"model {model.name!r} is not running")
         with self._requests.held():
-            job = await model.engine.submit(Work(prepared.count, prepared.encode, deadline))
+            encoded = await self.rows.encode(model, prepared, deadline)
+            job = await self.rows.rows(model, encoded, deadline)
         result = model.answer(job, request, prepared)
         self.telemetry.batched(job.stamps, result.info, job.inputs, prepared.described)
         return result

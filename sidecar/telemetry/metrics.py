@@ -141,6 +141,31 @@ class Metrics:
             "Generations running now, read at scrape time.",
             registry=registry,
         )
+        self._cache_hits = Counter(
+            "sidecar_result_cache_hits_total",
+            "Encoder inputs answered from the result cache, without a forward pass.",
+            ("model",),
+            registry=registry,
+        )
+        self._cache_misses = Counter(
+            "sidecar_result_cache_misses_total",
+            "Encoder inputs looked up in the result cache and not found there.",
+            ("model",),
+            registry=registry,
+        )
+        self._cache_bytes = Gauge(
+            "sidecar_result_cache_bytes",
+            "Bytes the result cache holds (rows, keys and per-entry overhead), read at "
+            "scrape time.",
+            registry=registry,
+        )
+        self._shared = Counter(
+            "sidecar_shared_inputs_total",
+            "Encoder inputs answered by the forward pass of an identical input in flight "
+            "(of another call, or earlier in the same one) instead of a pass of their own.",
+            ("model",),
+            registry=registry,
+        )
 
     def serve(self, address: str) -> int:
         """Serve the metrics over HTTP at "host:port" and return the bound port; "" serves none."""
@@ -214,3 +239,18 @@ class Metrics:
     def generations(self, running: Callable[[], int]) -> None:
         """Report generations in progress from `running`, called at each scrape."""
         self._generations.set_function(running)
+
+    def looked_up(self, model: str, hits: int, misses: int) -> None:
+        """Count one call's inputs found and not found in the result cache."""
+        if hits:
+            self._cache_hits.labels(model).inc(hits)
+        if misses:
+            self._cache_misses.labels(model).inc(misses)
+
+    def shared(self, model: str, inputs: int) -> None:
+        """Count inputs answered by an identical input's forward pass in flight."""
+        self._shared.labels(model).inc(inputs)
+
+    def result_cache_bytes(self, held: Callable[[], int]) -> None:
+        """Report the result cache's size from `held`, called at each scrape."""
+        self._cache_bytes.set_function(held)

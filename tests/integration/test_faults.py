@@ -32,12 +32,12 @@ async def test_an_inference_error_fails_that_batch_and_the_server_goes_on(
     real_run = model.backend.run
     failures = 0
 
-    def failing_once(feed: Any) -> Any:
+    def failing_once(feed: Any, threads: int | None = None) -> Any:
         nonlocal failures
         if failures == 0:
             failures += 1
             raise RuntimeError("injected: the device fell over")
-        return real_run(feed)
+        return real_run(feed, threads)
 
     monkeypatch.setattr(model.backend, "run", failing_once)
     with pytest.raises(grpc.aio.AioRpcError) as failed:
