@@ -94,8 +94,8 @@ class Settings:
     inference_workers: int = _setting(
         0,
         "forward passes at once, all models together, each on intra_op_threads; 0 = adapt to "
-        "the queue on a CPU: one pass on every core while it is shallow, one single-threaded "
-        "pass per core side by side while it is deep",
+        "the queue on a CPU: one pass on every core while it is shallow, two side by side on "
+        "half the cores each while it is deep",
     )
     max_batch_tokens: int = _setting(
         8192, "padded tokens (inputs x longest input) in one forward pass"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -164,6 +164,15 @@ class _Job:
 
 
 @dataclass(eq=False)
+class _Running(Generic[T]):
+    """A batch task's inputs and the budget units it holds until it ends."""
+
+    batch: list[_Queued[T]]
+    lane: Lane
+    held: bool = True
+
+
+@dataclass(eq=False)
 class _Queued(Generic[T]):
     job: _Job
     index: int
@@ -178,9 +187,9 @@ ONE_LANE = (Lane(1, None),)
 class Batcher(Generic[T]):
     """The queue and batch loop of one model, its Engine. Start lazily; `close()` at shutdown.
 
-    `lanes` are the ways a pass may run, narrowest first. With two (one thread, every
-    thread), a batch that leaves nothing else queued runs wide, for the lowest latency,
-    and while more waits each batch runs on one thread, side by side with the next one.
+    `lanes` are the ways a pass may run, narrowest first. With two (half the threads,
+    every thread), a batch that leaves nothing else queued runs wide, for the lowest
+    latency, and while more waits each batch runs on half, side by side with the next one.
     """
 
     def __init__(
@@ -210,7 +219,7 @@ class Batcher(Generic[T]):
         self._arrived = asyncio.Event()
         self._slots = slots or ThreadBudget(limits.workers)
         self._narrow, self._wide = lanes[0], lanes[-1]
-        self._running: dict[asyncio.Task[None], list[_Queued[T]]] = {}
+        self._running: dict[asyncio.Task[None], _Running[T]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
         self._observer = observer
@@ -289,23 +298,31 @@ class Batcher(Generic[T]):
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._slots.acquire(self._narrow.units)
-            # Calls may have left (cancel, deadline) while this waited for a worker.
-            while limits.max_batch_delay_s > 0 and 0 < len(self._pending) < limits.max_batch_size:
-                # Wait for company, but never hold the oldest input past the delay.
-                self._arrived.clear()
-                try:
-                    async with asyncio.timeout_at(
-                        self._pending[0].job.enqueued + limits.max_batch_delay_s
-                    ):
-                        await self._arrived.wait()
-                except TimeoutError:
-                    break
-            batch = self._take()
+            try:
+                # Calls may have left (cancel, deadline) while this waited for a worker.
+                while (
+                    limits.max_batch_delay_s > 0 and 0 < len(self._pending) < limits.max_batch_size
+                ):
+                    # Wait for company, but never hold the oldest input past the delay.
+                    self._arrived.clear()
+                    try:
+                        async with asyncio.timeout_at(
+                            self._pending[0].job.enqueued + limits.max_batch_delay_s
+                        ):
+                            await self._arrived.wait()
+                    except TimeoutError:
+                        break
+                batch = self._take()
+            except BaseException:
+                # Closed (or a bug) while holding a unit: a lost unit would stall every engine.
+                self._slots.release(self._narrow.units)
+                raise
             if not batch:
                 self._slots.release(self._narrow.units)
                 continue
-            task = asyncio.create_task(self._run(batch, self._lane()))
-            self._running[task] = batch
+            lane = self._lane()
+            task = asyncio.create_task(self._run(batch, lane))
+            self._running[task] = _Running(batch, lane)
             task.add_done_callback(self._batch_ended)
 
     def _lane(self) -> Lane:
@@ -316,8 +333,17 @@ class Batcher(Generic[T]):
             return self._wide
         return self._narrow
 
+    def _release(self, task: asyncio.Task[Any] | None) -> None:
+        """Give back a batch's units once: as its pass ends, or as its task does (a task
+        cancelled before its first step never runs its own finally)."""
+        running = self._running.get(task) if task is not None else None
+        if running is not None and running.held:
+            running.held = False
+            self._slots.release(running.lane.units)
+
     def _batch_ended(self, task: asyncio.Task[None]) -> None:
-        batch = self._running.pop(task)
+        self._release(task)
+        batch = self._running.pop(task).batch
         if task.cancelled():
             # Cancelled before its first step: its callers are still waiting.
             for queued in batch:
@@ -392,7 +418,7 @@ class Batcher(Generic[T]):
                         queued.index, output.rows[row], output, len(batch), padded, span
                     )
         finally:
-            self._slots.release(lane.units)
+            self._release(asyncio.current_task())
 
     def _observe(
         self,

@@ -155,7 +155,7 @@ class ModelRegistry:
                 verify_checksums=self._settings.verify_checksums,
                 backend=entry.status.backend,
                 torch_dtype=self._settings.model_dtype(entry.settings),
-                single_thread_lane=self._settings.adaptive_passes,
+                half_lane=self._settings.adaptive_passes,
             )
             entry.model = await loop.run_in_executor(executor, load)
         except SidecarError as exc:

@@ -221,6 +221,10 @@ class RowSharing:
             async with asyncio.timeout_at(deadline):
                 # asyncio.wait never cancels what it waits on: leaving is handled below.
                 await asyncio.wait([f.done for f in flights], return_when=asyncio.FIRST_EXCEPTION)
+            # A failed flight ends the wait with others still pending: raise its error.
+            for flight in flights:
+                if flight.done.done() and (exc := flight.done.exception()) is not None:
+                    raise exc
             return [f.done.result() for f in flights]
         except TimeoutError:
             raise DeadlineExceededError(

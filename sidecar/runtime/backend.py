@@ -18,17 +18,13 @@ class Backend(Protocol):
     device: str  # "cpu" or "cuda:<index>"
     input_names: tuple[str, ...]
     intra_op_threads: int  # CPU threads one pass uses; 0 = the runtime's default (every core)
-
-    @property
-    def single_thread_lane(self) -> bool:
-        """Whether run(inputs, threads=1) has a one-thread lane of its own."""
-        ...
+    half_threads: int  # threads of a second lane run(inputs, threads=half_threads) uses; 0 none
 
     def run(self, inputs: Arrays, threads: int | None = None) -> dict[str, npt.NDArray[np.float32]]:
         """One forward pass; returns the model's outputs by name.
 
         `threads` asks for a pass on that many CPU threads where the backend can run one
-        (see OnnxBackend's single-thread lane); None, or a backend that cannot, uses its own.
+        (see OnnxBackend's half lane); None, or a backend that cannot, uses its own.
         """
         ...
 

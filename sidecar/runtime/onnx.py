@@ -31,11 +31,11 @@ def _session(path: Path, providers: list[tuple[str, dict[str, Any]]], threads: i
 class OnnxBackend:
     """A model file in an ONNX Runtime session on the CPU or CUDA provider.
 
-    With `single_thread_lane` (CPU only) a second session of the same file runs on one
-    intra-op thread, so that while a queue is deep two passes run side by side, each on
-    its own core, instead of one pass split across both: for short inputs the threads of a
-    split pass spend much of their time waiting for each other at every operator. The
-    lane costs a second copy of the weights.
+    With `half_lane` (CPU only, more than one intra-op thread) a second session of the same
+    file runs on half the threads, so that while a queue is deep two passes run side by
+    side, each on half the cores, instead of one pass split across all of them: for short
+    inputs the threads of a split pass spend much of their time waiting for each other at
+    every operator. The lane costs a second copy of the weights and its own memory arena.
     """
 
     name = "onnx"
@@ -46,7 +46,7 @@ class OnnxBackend:
         device: str,
         intra_op_threads: int = 0,
         *,
-        single_thread_lane: bool = False,
+        half_lane: bool = False,
     ) -> None:
         providers = onnx_providers(device, ort.get_available_providers())
         self._session = _session(path, providers, intra_op_threads)
@@ -65,22 +65,19 @@ class OnnxBackend:
         self.input_shapes = {i.name: list(i.shape) for i in self._session.get_inputs()}
         self.input_types = {i.name: str(i.type) for i in self._session.get_inputs()}
         self.output_names = tuple(o.name for o in self._session.get_outputs())
-        # One thread is all the wide session has already: a lane of its own would add nothing.
-        wanted = single_thread_lane and self.device == "cpu" and intra_op_threads != 1
-        self._single: Any = _session(path, providers, 1) if wanted else None
-
-    @property
-    def single_thread_lane(self) -> bool:
-        """Whether `run(inputs, threads=1)` has a one-thread session of its own."""
-        return self._single is not None
+        # Half of one thread (or of the runtime's own count, 0) is no lane of its own.
+        wanted = half_lane and self.device == "cpu" and intra_op_threads > 1
+        self.half_threads = intra_op_threads // 2 if wanted else 0
+        self._half: Any = _session(path, providers, self.half_threads) if wanted else None
 
     def run(self, inputs: Arrays, threads: int | None = None) -> dict[str, npt.NDArray[np.float32]]:
         """Feed the inputs the graph declares (others are ignored) and return every output.
 
-        `threads=1` runs on the single-thread lane where there is one; anything else runs
-        on the session built with `intra_op_threads`.
+        `threads=half_threads` runs on the half lane where there is one; anything else
+        runs on the session built with `intra_op_threads`.
         """
         feed = {name: inputs[name] for name in self.input_names}
-        session = self._single if threads == 1 and self._single is not None else self._session
+        half = threads is not None and threads == self.half_threads
+        session = self._half if half and self._half is not None else self._session
         outputs = session.run(None, feed)
         return dict(zip(self.output_names, outputs, strict=True))

@@ -131,7 +131,7 @@ class TorchBackend(_TorchModel):
 
     # torch's thread pool is the process's: every pass runs on all of it.
     intra_op_threads = 0
-    single_thread_lane = False
+    half_threads = 0
 
     def __init__(self, model_dir: Path, task: Task, device: str, dtype: str = "auto") -> None:
         auto_class: Any

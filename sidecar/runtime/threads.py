@@ -24,7 +24,9 @@ def cpu_count(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     A pod limited to 2 CPUs on a 64-core node sees 64 cores in os.cpu_count(); threads
     sized by it would contend for a quota of 2 and stall at every period's end.
     """
-    cores = len(os.sched_getaffinity(0))
+    # Linux has the process's affinity; elsewhere the machine's count is all there is.
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
     quota = _cgroup_quota(cgroup)
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
@@ -59,7 +61,7 @@ class ThreadBudget:
     """A count of free units, taken and given back by forward passes, first come first served.
 
     A waiter for many units blocks later waiters for fewer, so a decode step that needs
-    every core is not starved by a stream of single-threaded encoder passes.
+    every core is not starved by a stream of half-width encoder passes.
     `async with budget:` takes `wide` units, the share of a pass that uses every thread.
     """
 

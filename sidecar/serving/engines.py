@@ -50,8 +50,9 @@ class Engines:
             return (Lane(1, None),)
         threads = model.backend.intra_op_threads or budget.capacity
         wide = Lane(min(threads, budget.capacity), None)
-        if model.backend.single_thread_lane and wide.units > 1:
-            return (Lane(1, 1), wide)
+        half = model.backend.half_threads
+        if half and half < wide.units:
+            return (Lane(half, half), wide)
         return (wide,)
 
     def attach(self, model: LoadedModel) -> None:

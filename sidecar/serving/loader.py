@@ -47,11 +47,11 @@ def _encoder_backend(
     threads: int,
     dtype: str,
     *,
-    single_thread_lane: bool,
+    half_lane: bool,
 ) -> Backend:
     if backend == "onnx":
         path = model_dir / manifest.onnx_file
-        return OnnxBackend(path, device, threads, single_thread_lane=single_thread_lane)
+        return OnnxBackend(path, device, threads, half_lane=half_lane)
     from sidecar.runtime.pytorch import TorchBackend  # torch is imported only when asked for
 
     return TorchBackend(model_dir, manifest.task, device, dtype)
@@ -108,12 +108,12 @@ def load_model(
     verify_checksums: bool = True,
     backend: str = "auto",
     torch_dtype: str = "auto",
-    single_thread_lane: bool = False,
+    half_lane: bool = False,
 ) -> LoadedModel:
     """Load one model dir; raises ModelLoadError (or ConfigError) naming what is wrong.
 
-    `single_thread_lane` gives an encoder on ONNX Runtime's CPU provider a second,
-    one-thread session, for the batcher to run passes side by side while its queue is deep.
+    `half_lane` gives an encoder on ONNX Runtime's CPU provider a second session on half
+    its threads, for the batcher to run two passes side by side while its queue is deep.
     """
     started = time.perf_counter()
     # Before anything opens a file: ONNX Runtime and transformers read files never named.
@@ -143,7 +143,7 @@ def load_model(
             device,
             intra_op_threads,
             torch_dtype,
-            single_thread_lane=single_thread_lane,
+            half_lane=half_lane,
         )
         preflight(
             model_dir,

@@ -146,5 +146,5 @@ class ServedModel(LoadedModel):
         long_text = " ".join([WARM_UP_TEXT] * self.encoder.max_length)
         items = self.encode([WARM_UP_TEXT, long_text], truncate=True)
         self.infer(items)
-        if self.backend.single_thread_lane:
-            self.infer(items, threads=1)
+        if self.backend.half_threads:
+            self.infer(items, threads=self.backend.half_threads)

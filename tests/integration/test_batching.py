@@ -93,19 +93,19 @@ async def test_unary_batches_and_stream_items_share_one_queue(inference: Inferen
 
 def test_the_session_server_adapts_its_passes_and_both_lanes_agree(server: SidecarServer) -> None:
     """The session server runs MiniLM on 2 threads with inference_workers at its default:
-    its passes may run wide (both threads) or single-threaded side by side, and the two
+    its passes may run wide (both threads) or on half of them side by side, and the two
     sessions behind them give the same rows."""
     model = server.registry.resolve("minilm")
     assert isinstance(model, ServedModel)
     assert server.engines.lanes(model) == (Lane(1, 1), Lane(2, None))
     items = model.encode(texts(12), truncate=True)
-    wide, narrow = model.infer(items), model.infer(items, threads=1)
+    wide, narrow = model.infer(items), model.infer(items, threads=1)  # half of 2 threads
     np.testing.assert_allclose(narrow.rows, wide.rows, atol=2e-5)
     # A fixed worker count keeps one session: no second copy of the weights.
     manifest = read_manifest(model.model_dir)
     fixed = load_model("fixed", model.model_dir, manifest, "cpu", 2)
     assert isinstance(fixed, ServedModel)
-    assert not fixed.backend.single_thread_lane
+    assert not fixed.backend.half_threads
 
 
 @pytest.fixture(scope="module")

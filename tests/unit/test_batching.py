@@ -471,3 +471,21 @@ async def test_a_wide_pass_of_another_engine_waits_for_the_narrow_ones_and_goes_
         assert model.batches[-1] == [Text(9, 4)]
         assert budget.free == 2
         await batcher.close()
+
+
+async def test_closing_gives_back_the_units_of_every_batch(
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+) -> None:
+    model, budget = Model(), ThreadBudget(1)
+    batcher = Batcher("m", model, LIMITS, *pools, budget)
+    first = await hold_first_batch(batcher, model)
+    waiting = asyncio.create_task(submit(batcher, [Text(2, 4)]))
+    await queued(batcher, 1)
+    assert budget.free == 0
+    await batcher.close()
+    # Another engine sharing the budget must not wait for ever on units nobody holds.
+    assert budget.free == 1
+    model.gate.set()
+    for call in (first, waiting):
+        with pytest.raises(ModelNotReadyError):
+            await call
