@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
@@ -19,6 +21,10 @@ from sidecar.generation.scheduler import DecodeScheduler
 from sidecar.generation.sequence import Prompt, Sequence
 from sidecar.serving.generative import GenerativeModel
 from sidecar.telemetry.observer import GenerationSpans, Telemetry
+
+log = logging.getLogger(__name__)
+# Answers a generation may hold ready beyond the one its caller is taking (see _Steps).
+LOOKAHEAD = 2
 
 
 class Generation:
@@ -46,6 +52,9 @@ class Generation:
         self._tokenize_us = 0
         self._submitted_ns = 0
         self._sent = 0  # tokens handed to the caller
+        # The finish the caller was given; the sequence's own may be a step further on,
+        # decoded ahead (LOOKAHEAD) and never taken.
+        self._finish: FinishReason | None = None
         self._wall = [0, 0]
         self._last_ns: int | None = None
         self._ttft_s = 0.0
@@ -60,9 +69,8 @@ class Generation:
                         async for chunk in steps:
                             yield chunk
         except TimeoutError:
-            made = len(self._sequence.generated) if self._sequence else 0
             raise DeadlineExceededError(
-                f"the call's deadline passed after {made} generated tokens; allow a longer "
+                f"the call's deadline passed after {self._sent} generated tokens; allow a longer "
                 "deadline or lower max_new_tokens"
             ) from None
 
@@ -75,20 +83,18 @@ class Generation:
         self._tokenize_us = (self._submitted_ns - t0) // 1000
         self._wall = [began_wall, time.time_ns()]  # call start, tokenized
         sequence = self._sequence = self.model.sequence(prompt, self.params, constraint)
-        future = self._scheduler.submit(sequence)
+        steps = _Steps(self._scheduler, sequence, lambda: self._tick(t0))
         try:
             while True:
-                chunk = await future
-                self._tick(t0)
+                chunk = await steps.next()
                 if chunk.finish is not None:
+                    self._finish = chunk.finish
                     yield self._last(chunk)
                     return
-                # The next step runs while this chunk is written to the caller.
-                future = self._scheduler.submit(sequence)
                 self._sent += len(chunk.token_ids)
                 yield chunk
         finally:
-            future.cancel()  # a caller that leaves costs at most the step already running
+            steps.close()  # a caller that leaves costs at most the step already running
             self._report()
 
     def _prepare(self) -> tuple[Prompt, Constraint | None]:
@@ -118,8 +124,9 @@ class Generation:
             [self._request.prompt] if self._request.prompt else [],
             GenerationSpans(
                 input_tokens=len(sequence.prompt.ids),
-                output_tokens=len(sequence.generated),
-                finish=sequence.finish.value if sequence.finish else "cancelled",
+                # What the caller was sent: a step decoded ahead and never taken is not output.
+                output_tokens=len(sequence.generated) if self._finish else self._sent,
+                finish=self._finish.value if self._finish else "cancelled",
                 ttft_s=self._ttft_s,
                 truncated=sequence.prompt.truncated_tokens > 0,
                 batch_size=sequence.batch_size,
@@ -157,6 +164,87 @@ class Generation:
             )
         # A step may have finished after the cancel: its token was never sent, so not counted.
         return self._last(GenerateChunk("", [], FinishReason.CANCELLED), self._sent)
+
+
+class _Steps:
+    """One sequence's decode steps, each asked for as the last one's answer arrives.
+
+    Not when the caller has taken the answer: a transport still writing the last answers
+    (Stream writes every item's on one call) would otherwise ask late and miss the step the
+    other generations share. At most LOOKAHEAD answers wait for the caller; past that the
+    steps pause until it takes one, so a slow reader still holds decoding back.
+    """
+
+    def __init__(
+        self, scheduler: DecodeScheduler, sequence: Sequence, arrived: Callable[[], None]
+    ) -> None:
+        self._scheduler = scheduler
+        self._sequence = sequence
+        self._on_arrival = arrived
+        self._ready: deque[GenerateChunk] = deque()
+        self._arrived = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._pending: asyncio.Future[GenerateChunk] | None = None
+        # A step asked for whose answer is not in yet (its future may be done, its callback
+        # not yet run: asking again then would put the sequence in two steps at once).
+        self._asked = False
+        self._ended = False  # the last answer in is the sequence's last
+        self._closed = False
+        self._ask()
+
+    def _ask(self) -> None:
+        try:
+            self._pending = self._scheduler.submit(self._sequence)
+        except Exception as exc:  # a model shutting down
+            self._fail(exc)
+            return
+        self._asked = True
+        self._pending.add_done_callback(self._land)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        self._arrived.set()
+
+    def _land(self, future: asyncio.Future[GenerateChunk]) -> None:
+        self._asked = False
+        if future.cancelled():
+            if not self._closed:  # withdrawn by someone else than close(): the step is gone
+                self._fail(ModelNotReadyError("the decode step was withdrawn; retry the call"))
+            return
+        if self._closed:
+            return
+        if (exc := future.exception()) is not None:
+            self._fail(exc)
+            return
+        chunk = future.result()
+        self._ready.append(chunk)
+        self._ended = chunk.finish is not None
+        self._arrived.set()
+        if not self._ended and len(self._ready) < LOOKAHEAD:
+            self._ask()
+        # Last: a callback that raises would lose the answer and leave the caller waiting.
+        try:
+            self._on_arrival()
+        except Exception:
+            log.exception("recording a decode step's arrival failed")
+
+    async def next(self) -> GenerateChunk:
+        """The next answer, in order; raises the step's error once the answers before it."""
+        while not self._ready:
+            if self._failure is not None:
+                raise self._failure
+            self._arrived.clear()
+            await self._arrived.wait()
+        chunk = self._ready.popleft()
+        if not (self._asked or self._ended or self._failure is not None):
+            self._ask()  # the steps paused for the caller
+        return chunk
+
+    def close(self) -> None:
+        """Withdraw the step asked for; answers that arrive after are dropped."""
+        self._closed = True
+        if self._pending is not None:
+            self._pending.cancel()
 
 
 class Generations:

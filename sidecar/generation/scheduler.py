@@ -2,11 +2,13 @@
 
 Each generation asks for one step at a time. Steps that wait together run as one batched
 decoder step, so a generation that joins mid-way shares the next run instead of waiting
-for the others to finish. A new generation's prefill runs as a job of its own, taking
-turns with the shared steps: it waits for at most one step, and the running generations
-for at most one prefill, however many arrive at once. Every job holds
-the full width of the thread budget the encoder batchers use (`async with slots`), so
-decode steps and encoder batches take turns on the same cores and neither starves the other.
+for the others to finish. After a run, the generations it answered ask again before the
+next job is cut, so the same company keeps stepping together (its caches stay packed). A new
+generation's prefill runs as a job of its own, taking turns with the shared steps: it waits
+for at most one step, and the running generations for at most one prefill, however many
+arrive at once. Every job holds the full width of the thread budget the encoder batchers
+use (`async with slots`), so decode steps and encoder batches take turns on the same cores
+and neither starves the other.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from sidecar.runtime.backend import Decoder
 from sidecar.runtime.threads import ThreadBudget
 
 log = logging.getLogger(__name__)
+# Event-loop turns a job waits at most for the generations of the last one to ask again.
+# Generation asks in its answer's done-callback, one turn later; a generation whose caller
+# has LOOKAHEAD answers untaken does not ask, and costs the job these few turns.
+REGROUP_TURNS = 3
 
 
 def next_job(fresh: list[bool], *, prefilled_last: bool, max_batch: int) -> tuple[list[int], bool]:
@@ -108,13 +114,30 @@ class DecodeScheduler:
                         results = [exc] * len(batch)
                     finally:
                         self._running = []
-                for (_, future), result in zip(batch, results, strict=True):
+                answered = []
+                for (sequence, future), result in zip(batch, results, strict=True):
                     if future.done():
                         continue
                     if isinstance(result, BaseException):
                         future.set_exception(result)
                     else:
                         future.set_result(result)
+                        answered.append(sequence)
+                await self._regroup(answered)
+
+    async def _regroup(self, answered: list[Sequence]) -> None:
+        """Let the generations just answered ask for their next steps before a job is cut.
+
+        Each asks as soon as its task runs, one turn of the event loop after its answer; a
+        job cut before that would leave them out, and the two groups would then take turns
+        for good, each step half as full (and each change of company re-packs the caches).
+        """
+        going = [s for s in answered if s.finish is None]
+        for _ in range(REGROUP_TURNS):
+            asked = {id(entry[0]) for entry in self._waiting}
+            if all(id(s) in asked for s in going):
+                return
+            await asyncio.sleep(0)
 
     def _take(self) -> list[tuple[Sequence, asyncio.Future[GenerateChunk]]]:
         """The next job, as next_job chooses it; [] if none waits."""
@@ -147,7 +170,13 @@ class DecodeScheduler:
             if masks is not None:
                 masks.result()  # compute_all leaves each failure with its own sequence
         self.steps += len(sequences)
-        return [_advance(sequence, row) for sequence, row in zip(sequences, rows, strict=True)]
+        answers = [_advance(sequence, row) for sequence, row in zip(sequences, rows, strict=True)]
+        for sequence in sequences:
+            if sequence.finish is not None:
+                # Its past is a view into the step's packed batch: dropped now, the batch is
+                # freed once the others have moved on, not when the caller lets go.
+                sequence.cache = None
+        return answers
 
     def _mask_thread(self) -> ThreadPoolExecutor:
         if self._masks is None:

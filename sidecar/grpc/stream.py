@@ -14,8 +14,10 @@ an item that cannot be parsed (its id is unknown). An error the reader answers b
 written, so a caller that never reads is held back however it fills the stream.
 
 A generate item answers once per decode step. Each step's answer is written before the
-item's next one is queued, so a slow reader holds back decoding instead of filling memory;
-a cancel for it ends it with a last answer whose finish reason is CANCELLED.
+item's next one is queued, and the generation decodes at most LOOKAHEAD steps past the
+answer being written (dataplane/generation.py), so a slow reader holds back decoding instead
+of filling memory, while the writes of a step's answers do not make the items miss the next
+step they share; a cancel for it ends it with a last answer whose finish reason is CANCELLED.
 """
 
 from __future__ import annotations

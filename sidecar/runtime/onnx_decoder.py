@@ -50,10 +50,36 @@ def _last_logits(outputs: dict[str, npt.NDArray[np.float32]]) -> npt.NDArray[np.
 
 @dataclass
 class CausalCache:
-    """One sequence's past: a [1, heads, length, head_dim] array per past input."""
+    """One sequence's past: row `row` of a step's packed past, its last `length` positions.
 
-    past: Mapping[str, Array]
+    The sequences that ran one step together share that step's presents as the graph
+    returned them, [rows, heads, width, head_dim] per past input and left-padded to the
+    longest: when the same sequences run the next step together, the presents are fed back
+    whole, with no copy. Only a change of company (a sequence joins or leaves) packs anew.
+    """
+
+    batch: Mapping[str, Array]
+    row: int
     length: int
+
+    @property
+    def past(self) -> dict[str, Array]:
+        """This sequence's own past: [1, heads, length, head_dim] views into the batch."""
+        return {
+            name: value[self.row : self.row + 1, :, value.shape[2] - self.length :, :]
+            for name, value in self.batch.items()
+        }
+
+
+def _shared_batch(caches: Sequence[CausalCache]) -> Mapping[str, Array] | None:
+    """The packed past these caches are exactly the rows of (each once), else None."""
+    batch = caches[0].batch
+    if any(cache.batch is not batch for cache in caches):
+        return None
+    rows = next(iter(batch.values())).shape[0]
+    if len(caches) != rows or {cache.row for cache in caches} != set(range(rows)):
+        return None
+    return batch
 
 
 class OnnxCausalDecoder:
@@ -104,45 +130,56 @@ class OnnxCausalDecoder:
             past = {name: outputs[_present(name)] for name in self._past}
             done = end
             if done >= n:
-                return logits[0], CausalCache(past, n)
+                return logits[0], CausalCache(past, 0, n)
 
     def step(
         self, caches: Sequence[Cache], tokens: Sequence[int]
     ) -> tuple[npt.NDArray[np.float32], list[Cache]]:
-        """One token per sequence; sequences of different lengths share one run, left-padded."""
+        """One token per sequence; sequences of different lengths share one run, left-padded.
+
+        The sequences of the last step, together again, feed its presents back as they are;
+        any other company is packed into a new batch first (a copy of every cache).
+        """
         lengths = [cache.length for cache in caches]
         if not self._positions and len(set(lengths)) > 1:
             return self._step_by_length(caches, tokens)
+        shared = _shared_batch(caches)
+        if shared is None:
+            past, rows = self._pack(caches), list(range(len(caches)))
+        else:
+            past, rows = dict(shared), [cache.row for cache in caches]
         count = len(caches)
-        width = max(lengths)
-        ids = np.asarray(tokens, dtype=np.int64)[:, None]
-        positions = np.asarray(lengths, dtype=np.int64)[:, None]
-        if count == 1:
-            # The common case costs no copies: the presents of one step are the next's past.
-            mask = np.ones((1, width + 1), dtype=np.int64)
-            logits, outputs = self._run(ids, mask, positions, caches[0].past)
-            present = {name: outputs[_present(name)] for name in self._past}
-            return logits, [CausalCache(present, width + 1)]
-        # Left padding keeps every sequence's newest token in the same column; the mask hides
-        # the padded past and position_ids keep each sequence's own positions.
+        width = next(iter(past.values())).shape[2]
+        # Inputs in the batch's row order; the mask hides each row's left padding and
+        # position_ids keep each sequence's own positions.
+        ids = np.empty((count, 1), dtype=np.int64)
+        positions = np.empty((count, 1), dtype=np.int64)
         mask = np.zeros((count, width + 1), dtype=np.int64)
-        past: dict[str, Array] = {}
-        for name in self._past:
-            first = caches[0].past[name]
-            shape = (count, first.shape[1], width, first.shape[3])
-            packed = np.zeros(shape, dtype=first.dtype)
-            for row, cache in enumerate(caches):
-                packed[row, :, width - cache.length :, :] = cache.past[name][0]
-            past[name] = packed
-        for row, length in enumerate(lengths):
+        for row, token, length in zip(rows, tokens, lengths, strict=True):
+            ids[row, 0], positions[row, 0] = token, length
             mask[row, width - length :] = 1
         logits, outputs = self._run(ids, mask, positions, past)
-        new = []
-        for row, length in enumerate(lengths):
-            start = width - length
-            present = {n: outputs[_present(n)][row : row + 1, :, start:, :] for n in self._past}
-            new.append(CausalCache(present, length + 1))
-        return logits, new
+        present = {name: outputs[_present(name)] for name in self._past}
+        new: list[Cache] = [
+            CausalCache(present, row, length + 1) for row, length in zip(rows, lengths, strict=True)
+        ]
+        return logits[rows] if rows != sorted(rows) else logits, new
+
+    def _pack(self, caches: Sequence[CausalCache]) -> dict[str, Array]:
+        """The caches' pasts as one batch, left-padded to the longest, rows in their order."""
+        width = max(cache.length for cache in caches)
+        past: dict[str, Array] = {}
+        for name in self._past:
+            first = caches[0].batch[name]
+            shape = (len(caches), first.shape[1], width, first.shape[3])
+            packed = np.zeros(shape, dtype=first.dtype)
+            for row, cache in enumerate(caches):
+                own = cache.batch[name]
+                packed[row, :, width - cache.length :, :] = own[
+                    cache.row, :, own.shape[2] - cache.length :, :
+                ]
+            past[name] = packed
+        return past
 
     def _step_by_length(
         self, caches: Sequence[Cache], tokens: Sequence[int]
