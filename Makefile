@@ -89,7 +89,7 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 test: $(STAMP) $(NPM_STAMPS) lint  ## install, lint, and run the whole test suite (Python and Node clients, contract)
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json $(MODELS_DIR)/smollm2/manifest.json  ## sidecar vs in-process ceiling, naive baseline, int8, generation TTFT/ITL, JSON-schema decoding cost on SmolLM2 (BENCH_ARGS=--quick, --only generation|structured)
+bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json $(MODELS_DIR)/smollm2/manifest.json  ## sidecar vs in-process ceiling and the peers (Infinity, Triton, naive; own venvs built once in .cache/) on long and short texts, repeats with the result cache, int8, generation TTFT/ITL, JSON-schema decoding on SmolLM2 (BENCH_ARGS=--quick, --peers LIST, --only embedding|generation|structured)
 	$(PY) -m tools.bench --model-dir $(DEFAULT_MODEL) --structured-dir $(MODELS_DIR)/smollm2 --out bench-results $(BENCH_ARGS)
 
 coldstart: $(STAMP) $(DEFAULT_MODEL)/manifest.json  ## time `sidecar serve` from launch to SERVING

@@ -52,3 +52,30 @@ def build(tokenizer_file: Path, size: int, seed: int, low: int = 8, high: int = 
         if len(tokenizer.encode(cut, add_special_tokens=False).ids) == target:
             texts.append(cut)
     return texts
+
+
+def build_words(size: int, seed: int, low: int = 4, high: int = 64) -> list[str]:
+    """`size` short texts whose word counts are uniform in [low, high], ticket-like."""
+    rng = random.Random(seed)
+    return [_paragraph(rng, rng.randint(low, high)) for _ in range(size)]
+
+
+def with_repeats(texts: list[str], share: float, seed: int) -> list[str]:
+    """The texts in order with repeats mixed in: `share` of the result repeats an earlier text.
+
+    The load generator walks a corpus in order, so each repeat comes after the call that
+    first sent its text, at a random distance, as a service's recurring questions would.
+    """
+    rng = random.Random(seed)
+    total = round(len(texts) / (1 - share))
+    repeats = set(rng.sample(range(1, total), total - len(texts)))
+    fresh = iter(texts)
+    out: list[str] = []
+    seen: list[str] = []
+    for position in range(total):
+        if position in repeats:
+            out.append(rng.choice(seen))
+        else:
+            seen.append(next(fresh))
+            out.append(seen[-1])
+    return out

@@ -23,7 +23,10 @@ from sidecar.serving.served import ServedModel
 
 def load(model_dir: Path, device: str, threads: int) -> ServedModel:
     """Load a model dir the way the server does (checksums, preflight, warm-up)."""
-    return load_model(model_dir.name, model_dir, read_manifest(model_dir), device, threads)
+    model = load_model(model_dir.name, model_dir, read_manifest(model_dir), device, threads)
+    if not isinstance(model, ServedModel):
+        raise SystemExit(f"{model_dir} is not an encoder model: the ceiling embeds")
+    return model
 
 
 def _embed(model: ServedModel, texts: list[str]) -> npt.NDArray[np.float32]:

@@ -5,6 +5,13 @@
 Callers are asyncio tasks on one event loop; each sends its next text as soon as its last
 call returns (a closed loop, as a service's request handlers would). Only calls that
 finish inside the measured window (after the warm-up) are counted. Prints JSON on stdout.
+
+The target's scheme names its API, so every server is driven by this one generator:
+grpc:// the sidecar's Embed, openai:// its OpenAI-compatible HTTP route, http:// the naive
+baseline's /embed, infinity:// Infinity's /embeddings, triton://host:port/model Triton's
+KServe v2 HTTP/JSON inference. While timing, HTTP replies are read but not parsed, alike for
+all; `--vectors` instead embeds each text of the corpus once and prints the vectors (the
+bench's check against sentence-transformers).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +76,7 @@ async def closed_loop(
             except (grpc.aio.AioRpcError, aiohttp.ClientError) as exc:
                 name = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 rec.errors[name] = rec.errors.get(name, 0) + 1
+                await asyncio.sleep(0.05)  # a refusing server is not called in a hot loop
                 continue
             finished = time.perf_counter()
             if rec.counts(finished):
@@ -114,7 +123,53 @@ async def stream_loop(
             break
 
 
+@dataclass(frozen=True)
+class HttpApi:
+    """How one HTTP server is asked for embeddings and where its reply holds them."""
+
+    url: str
+    body: Callable[[list[str]], dict[str, Any]]
+    vectors: Callable[[Any], list[list[float]]]
+
+
+def _openai_vectors(reply: Any) -> list[list[float]]:
+    return [item["embedding"] for item in reply["data"]]
+
+
+def _triton_vectors(reply: Any) -> list[list[float]]:
+    (output,) = reply["outputs"]
+    rows, width = output["shape"]
+    data = output["data"]
+    return [data[i * width : (i + 1) * width] for i in range(rows)]
+
+
+def http_api(target: str, model: str) -> HttpApi:
+    """The API a non-gRPC target's scheme names."""
+    scheme, _, rest = target.partition("://")
+    address, _, path = rest.partition("/")
+    base = f"http://{address}"
+    if scheme == "openai":
+        return HttpApi(
+            f"{base}/v1/embeddings", lambda b: {"input": b, "model": model}, _openai_vectors
+        )
+    if scheme == "infinity":
+        return HttpApi(
+            f"{base}/embeddings", lambda b: {"input": b, "model": model}, _openai_vectors
+        )
+    if scheme == "triton":
+
+        def triton(batch: list[str]) -> dict[str, Any]:
+            text = {"name": "text", "shape": [len(batch), 1], "datatype": "BYTES", "data": batch}
+            return {"inputs": [text]}
+
+        return HttpApi(f"{base}/v2/models/{path}/infer", triton, _triton_vectors)
+    if scheme == "http":
+        return HttpApi(f"{base}/embed", lambda b: {"inputs": b}, lambda reply: reply["embeddings"])
+    raise SystemExit(f"unknown target scheme in {target!r}")
+
+
 async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    """Time the closed loop (or one Stream) against the target; the raw figures."""
     # Callers start at different places in the corpus, as independent clients would.
     start = time.perf_counter() + args.warmup
     rec = Recorder(start, start + args.duration, args.min_calls)
@@ -131,16 +186,12 @@ async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
 
                 await closed_loop(embed, texts, args.callers, args.per_call, rec)
     else:
+        api = http_api(args.target, args.model)
         limit = aiohttp.TCPConnector(limit=args.callers)
         async with aiohttp.ClientSession(connector=limit) as session:
-            # openai://host:port: the sidecar's OpenAI-compatible route; http://: the naive one.
-            if scheme == "openai":
-                url, field = f"http://{address}/v1/embeddings", "input"
-            else:
-                url, field = f"{args.target}/embed", "inputs"
 
             async def post(batch: list[str]) -> None:
-                async with session.post(url, json={field: batch, "model": args.model}) as reply:
+                async with session.post(api.url, json=api.body(batch)) as reply:
                     reply.raise_for_status()
                     await reply.read()
 
@@ -154,12 +205,33 @@ async def run(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
     }
 
 
+async def vectors(target: str, model: str, texts: list[str]) -> list[list[float]]:
+    """Each text's embedding from the target, one text per call, as the load sends them."""
+    scheme, _, address = target.partition("://")
+    found: list[list[float]] = []
+    if scheme == "grpc":
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for text in texts:
+                answer = await stub.Embed(pb.EmbedRequest(model=model, inputs=[text]), timeout=60)
+                found.append(list(answer.embeddings[0].values))
+        return found
+    api = http_api(target, model)
+    async with aiohttp.ClientSession() as session:
+        for text in texts:
+            async with session.post(api.url, json=api.body([text])) as reply:
+                reply.raise_for_status()
+                found += api.vectors(await reply.json(content_type=None))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--target",
         required=True,
-        help="grpc://host:port, openai://host:port (the HTTP API) or http://host:port (naive)",
+        help="grpc://, openai:// (the sidecar's HTTP API), http:// (naive), infinity:// or "
+        "triton://host:port/model",
     )
     parser.add_argument("--model", default="")
     parser.add_argument("--corpus", required=True)
@@ -173,9 +245,15 @@ def main() -> None:
     parser.add_argument(
         "--min-calls", type=int, default=0, help="keep the window open until this many finish"
     )
+    parser.add_argument(
+        "--vectors", action="store_true", help="print each text's embedding instead of timing"
+    )
     args = parser.parse_args()
     texts = json.loads(Path(args.corpus).read_text())
-    print(json.dumps(asyncio.run(run(args, texts))))
+    if args.vectors:
+        print(json.dumps(asyncio.run(vectors(args.target, args.model, texts))))
+    else:
+        print(json.dumps(asyncio.run(run(args, texts))))
 
 
 if __name__ == "__main__":

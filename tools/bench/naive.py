@@ -1,7 +1,10 @@
 """The baseline the seed articles warn about: transformers.pipeline behind FastAPI.
 
-    BENCH_NAIVE_MODEL=path/to/checkpoint [BENCH_NAIVE_DEVICE=cuda] uvicorn tools.bench.naive:app
+    BENCH_NAIVE_MODEL=path/to/checkpoint [BENCH_NAIVE_DEVICE=cuda] \\
+        uvicorn naive:app --app-dir tools/bench
 
+The bench runs it as the `naive` peer from a venv of its own (tools/bench/peers/naive.txt),
+importing nothing from the project; `--quick` runs it from the project's venv instead.
 Loaded once at start-up (the articles' first fix), then one pipeline call per request on
 uvicorn's thread pool, PyTorch eager on the bench's device, no batching across requests; mean
 pooling and normalization in numpy, as a sentence-transformers user would write it.
