@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -22,7 +21,6 @@ from sidecar.generation.sequence import Prompt, Sequence
 from sidecar.serving.generative import GenerativeModel
 from sidecar.telemetry.observer import GenerationSpans, Telemetry
 
-log = logging.getLogger(__name__)
 # Answers a generation may hold ready beyond the one its caller is taking (see _Steps).
 LOOKAHEAD = 2
 
@@ -83,16 +81,19 @@ class Generation:
         self._tokenize_us = (self._submitted_ns - t0) // 1000
         self._wall = [began_wall, time.time_ns()]  # call start, tokenized
         sequence = self._sequence = self.model.sequence(prompt, self.params, constraint)
-        steps = _Steps(self._scheduler, sequence, lambda: self._tick(t0))
+        steps = _Steps(self._scheduler, sequence)
         try:
             while True:
                 chunk = await steps.next()
+                # Timed as it arrived, counted once taken: answers decoded ahead for a caller
+                # who then leaves are in neither the latency histograms nor the usage.
+                self._tick(t0, steps.arrived_ns)
                 if chunk.finish is not None:
                     self._finish = chunk.finish
                     yield self._last(chunk)
                     return
-                self._sent += len(chunk.token_ids)
                 yield chunk
+                self._sent += len(chunk.token_ids)  # the transport took it
         finally:
             steps.close()  # a caller that leaves costs at most the step already running
             self._report()
@@ -102,9 +103,8 @@ class Generation:
         prompt = self.model.prompt(self._request, self.params.max_new_tokens)
         return prompt, self.model.constraint(self._request)
 
-    def _tick(self, began_ns: int) -> None:
-        """A step's chunk arrived: time to first token, or the gap since the last one."""
-        now = time.perf_counter_ns()
+    def _tick(self, began_ns: int, now: int) -> None:
+        """A step's chunk arrived at `now`: time to first token, or the gap since the last."""
         metrics, name = self._telemetry.metrics, self.model.name
         if self._last_ns is None:
             self._ttft_s = (now - began_ns) / 1e9
@@ -175,13 +175,12 @@ class _Steps:
     steps pause until it takes one, so a slow reader still holds decoding back.
     """
 
-    def __init__(
-        self, scheduler: DecodeScheduler, sequence: Sequence, arrived: Callable[[], None]
-    ) -> None:
+    def __init__(self, scheduler: DecodeScheduler, sequence: Sequence) -> None:
         self._scheduler = scheduler
         self._sequence = sequence
-        self._on_arrival = arrived
-        self._ready: deque[GenerateChunk] = deque()
+        # Answers in, not yet taken, each with when it arrived (perf_counter ns).
+        self._ready: deque[tuple[GenerateChunk, int]] = deque()
+        self.arrived_ns = 0  # when the answer `next` returned last arrived
         self._arrived = asyncio.Event()
         self._failure: BaseException | None = None
         self._pending: asyncio.Future[GenerateChunk] | None = None
@@ -217,16 +216,11 @@ class _Steps:
             self._fail(exc)
             return
         chunk = future.result()
-        self._ready.append(chunk)
+        self._ready.append((chunk, time.perf_counter_ns()))
         self._ended = chunk.finish is not None
         self._arrived.set()
         if not self._ended and len(self._ready) < LOOKAHEAD:
             self._ask()
-        # Last: a callback that raises would lose the answer and leave the caller waiting.
-        try:
-            self._on_arrival()
-        except Exception:
-            log.exception("recording a decode step's arrival failed")
 
     async def next(self) -> GenerateChunk:
         """The next answer, in order; raises the step's error once the answers before it."""
@@ -235,7 +229,7 @@ class _Steps:
                 raise self._failure
             self._arrived.clear()
             await self._arrived.wait()
-        chunk = self._ready.popleft()
+        chunk, self.arrived_ns = self._ready.popleft()
         if not (self._asked or self._ended or self._failure is not None):
             self._ask()  # the steps paused for the caller
         return chunk

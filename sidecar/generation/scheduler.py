@@ -86,6 +86,9 @@ class DecodeScheduler:
         """The sequence's next chunk (its prefill first). Cancel the future to withdraw."""
         if self._closed:
             raise ModelNotReadyError(f"model {self._name!r} is shutting down")
+        if sequence.finish is not None:
+            # Its cache is dropped once it ends; asked again it would be prefilled anew.
+            raise RuntimeError("a finished sequence has no next step")
         future: asyncio.Future[GenerateChunk] = asyncio.get_running_loop().create_future()
         self._waiting.append((sequence, future))
         self._wake.set()

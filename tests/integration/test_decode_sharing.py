@@ -166,7 +166,7 @@ async def _generate_together(
     async def one(prompt: str) -> list[int]:
         request = GenerateRequest(model="gpt2", prompt=prompt, max_new_tokens=tokens)
         sequence = model.sequence(model.prompt(request, tokens), resolve(request, model.defaults))
-        steps = _Steps(scheduler, sequence, lambda: None)
+        steps = _Steps(scheduler, sequence)
         ids: list[int] = []
         try:
             while True:

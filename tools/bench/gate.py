@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
+
+from tools.bench.processes import run_child
 
 MIN_COSINE = 0.999
 
@@ -44,10 +45,9 @@ def reference(checkpoint: Path, sample_file: Path) -> npt.NDArray[np.float32]:
     A child, so torch never loads into the bench process that times the in-process ceiling.
     """
     command = [sys.executable, "-m", "tools.bench.gate", "--checkpoint", str(checkpoint)]
-    done = subprocess.run(
-        [*command, "--texts", str(sample_file)], check=True, capture_output=True, text=True
-    )
-    return _unit(np.asarray(json.loads(done.stdout), dtype=np.float32))
+    command += ["--texts", str(sample_file)]
+    out = run_child(command, "sentence-transformers' reference embeddings", 600)
+    return _unit(np.asarray(json.loads(out), dtype=np.float32))
 
 
 def _unit(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -61,12 +61,9 @@ def check(
 ) -> dict[str, Any]:
     """The target's min and mean cosine to the reference; the bench stops below MIN_COSINE."""
     command = [sys.executable, "-m", "tools.bench.load", "--target", target, "--vectors"]
-    done = subprocess.run(
-        [*command, "--corpus", str(sample_file)], capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        raise SystemExit(f"{name} did not answer the embedding check: {done.stderr[-2000:]}")
-    got = np.asarray(json.loads(done.stdout), dtype=np.float32)
+    command += ["--corpus", str(sample_file)]
+    out = run_child(command, f"{name}'s answers to the embedding check", 600)
+    got = np.asarray(json.loads(out), dtype=np.float32)
     if got.shape != expected.shape:
         raise SystemExit(f"{name} answered vectors of shape {got.shape}, expected {expected.shape}")
     cosines = np.sum(_unit(got) * expected, axis=1)

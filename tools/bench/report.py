@@ -294,7 +294,7 @@ def _embedding_markdown(results: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Paired-round rows are medians over the rounds; each round runs the ceiling, then every "
-        "target in turn, the order rotated by one each round.",
+        "target in turn, in an order rotated each round.",
     ]
     return lines
 

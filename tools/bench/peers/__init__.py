@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from sidecar.runtime.threads import cpu_count
 from tools.bench.peers.venvs import CACHE, INFINITY, NAIVE, TRITON, Venv
-from tools.bench.processes import http_ok, process
+from tools.bench.processes import http_ok, process, run_child
 from tools.coldstart import free_port
 
 NAMES = ("infinity-optimum", "infinity-torch", "triton", "naive")
@@ -88,7 +87,7 @@ def ensure_export(checkpoint: Path) -> Path:
     command = [str(cli), "export", "onnx", "--model", str(checkpoint)]
     command += ["--task", "feature-extraction", "--library", "transformers", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(command, check=True, env=env, capture_output=True)
+    run_child(command, f"optimum-cli exporting {checkpoint}", 1800, env=env)
     return out
 
 

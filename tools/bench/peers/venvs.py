@@ -60,10 +60,12 @@ class Venv:
         shutil.rmtree(self.path, ignore_errors=True)
         # The interpreter the project's venv was made from: the same Python for every venv.
         base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-        subprocess.run([str(base), "-m", "venv", str(self.path)], check=True)
+        subprocess.run([str(base), "-m", "venv", str(self.path)], check=True, timeout=300)
         pip = [str(self.python), "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
-        subprocess.run([*pip, "--upgrade", "pip>=24"], check=True)
-        subprocess.run([*pip, "-c", str(self.constraints), *self.requirements], check=True)
+        subprocess.run([*pip, "--upgrade", "pip>=24"], check=True, timeout=600)
+        # A few minutes here; past half an hour a download is stuck.
+        command = [*pip, "-c", str(self.constraints), *self.requirements]
+        subprocess.run(command, check=True, timeout=1800)
         (self.path / _COMPLETE).touch()
         print(f"  built in {time.monotonic() - began:.0f} s", flush=True)
         return self.path
