@@ -37,6 +37,25 @@ node_modules/.package-lock.json: package.json package-lock.json
 clients/node/node_modules/.package-lock.json: clients/node/package.json clients/node/package-lock.json
 	npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
 
+# Debian packages the tests run for real: Prometheus (the dashboard's queries) and Go with
+# Debian's grpc-go, protobuf-go and genproto (the Go client, built with no module proxy);
+# grpc-go needs golang/protobuf 1.5 (the APIv2 shim): with 1.3 it cannot encode 1.28's messages.
+# apt-get installs them where it can (as root, or with sudo that asks no password); where it
+# cannot, the tests that need them skip and say which package is missing.
+DEB_PACKAGES := prometheus golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+	golang-google-genproto-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go-grpc \
+	protobuf-compiler
+.PHONY: debian-tools
+debian-tools:  ## install the Debian packages the Prometheus and Go tests use (apt-get)
+	@if dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then apt=apt-get; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then apt="sudo apt-get"; \
+	else echo "not root and no password-less sudo: the Prometheus and Go tests will skip"; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$apt install -y -q --no-install-recommends $(DEB_PACKAGES) >/dev/null \
+	|| { $$apt update -q >/dev/null && $$apt install -y -q --no-install-recommends $(DEB_PACKAGES) >/dev/null; } \
+	|| echo "apt-get could not install $(DEB_PACKAGES): the Prometheus and Go tests will skip"
+
 install: $(STAMP) $(NPM_STAMPS)  ## create .venv and node_modules and install the pinned packages
 
 # buf resolves google/rpc/status.proto from here: the copy in the pinned googleapis-common-protos.
@@ -86,7 +105,7 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 	$(VENV)/bin/ruff format sidecar export tests tools
 	$(VENV)/bin/ruff check --fix sidecar export tests tools
 
-test: $(STAMP) $(NPM_STAMPS) lint  ## install, lint, and run the whole test suite (Python and Node clients, contract)
+test: $(STAMP) $(NPM_STAMPS) debian-tools lint  ## install, lint, and run the whole test suite (Python, Node and Go clients, grpcurl, Prometheus, contract)
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP) $(DEFAULT_MODEL)/manifest.json $(MODELS_DIR)/smollm2/manifest.json  ## sidecar vs in-process ceiling and the peers (Infinity, Triton, naive; own venvs built once in .cache/) on long and short texts, repeats with the result cache, int8, generation TTFT/ITL, JSON-schema decoding on SmolLM2 (BENCH_ARGS=--quick, --peers LIST, --only embedding|generation|structured)

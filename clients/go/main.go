@@ -1,10 +1,12 @@
 // Command sidecar-example calls a transformers-sidecar: Embed, Classify, then a
 // streamed Generate. It dials $TRANSFORMERS_SIDECAR_ADDRESS (host:port or
-// unix:///path/to.sock; default 127.0.0.1:50051).
+// unix:///path/to.sock; default 127.0.0.1:50051). It prints a summary, or with -json
+// each reply (and each failed call's status) as one JSON line.
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -12,9 +14,8 @@ import (
 	"os"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	sidecarv1 "github.com/transformers-sidecar/sidecar/gen/go/sidecar/v1"
@@ -24,14 +25,14 @@ func main() {
 	classifyModel := flag.String("classify-model", "", "model for Classify (empty: the server's default)")
 	generateModel := flag.String("generate-model", "", "model for Generate (empty: the server's default)")
 	prompt := flag.String("prompt", "The sidecar answered", "prompt for Generate")
+	flag.BoolVar(&asJSON, "json", false, "print each reply as one JSON line instead of a summary")
 	flag.Parse()
 
 	address := os.Getenv("TRANSFORMERS_SIDECAR_ADDRESS")
 	if address == "" {
 		address = "127.0.0.1:50051"
 	}
-	// The sidecar listens on loopback or a Unix socket inside the pod: no TLS.
-	conn, err := grpc.NewClient(address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dial(address) // plain text: see dial.go
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "dial:", err)
 		os.Exit(2)
@@ -47,13 +48,43 @@ func main() {
 	}
 }
 
+// asJSON (-json) prints replies and failures as JSON lines, for scripts and tests.
+var asJSON bool
+
+// line is one line of -json output: a call's reply, or its failed status.
+type line struct {
+	Call    string          `json:"call"`
+	Reply   json.RawMessage `json:"reply,omitempty"`
+	Code    string          `json:"code,omitempty"`
+	Message string          `json:"message,omitempty"`
+}
+
+func printJSON(l line) {
+	out, err := json.Marshal(l)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println(string(out))
+}
+
+// emit prints a reply as {"call": ..., "reply": ...}, the reply as protojson writes it
+// (the proto's JSON mapping: lowerCamel names, enums by name, 64-bit ints as strings).
+func emit(call string, reply proto.Message) {
+	body, err := protojson.Marshal(reply)
+	if err != nil {
+		panic(err)
+	}
+	printJSON(line{Call: call, Reply: body})
+}
+
 // report prints a failed call's gRPC status code and message.
 func report(call string, err error) {
-	if st, ok := status.FromError(err); ok {
-		fmt.Printf("%s failed: %s: %s\n", call, st.Code(), st.Message())
+	st, _ := status.FromError(err) // not a gRPC status: Unknown, with err's text
+	if asJSON {
+		printJSON(line{Call: call, Code: st.Code().String(), Message: st.Message()})
 		return
 	}
-	fmt.Printf("%s failed: %v\n", call, err)
+	fmt.Printf("%s failed: %s: %s\n", call, st.Code(), st.Message())
 }
 
 func embed(client sidecarv1.InferenceClient) bool {
@@ -66,6 +97,10 @@ func embed(client sidecarv1.InferenceClient) bool {
 	if err != nil {
 		report("Embed", err)
 		return false
+	}
+	if asJSON {
+		emit("Embed", reply)
+		return true
 	}
 	for _, e := range reply.GetEmbeddings() {
 		fmt.Println("embedding:", len(e.GetValues()), "floats,", e.GetTokenCount(), "tokens, truncated:", e.GetTruncated())
@@ -87,6 +122,10 @@ func classify(client sidecarv1.InferenceClient, model string) bool {
 		// An embedding model answers FAILED_PRECONDITION here, naming the models that classify.
 		report("Classify", err)
 		return false
+	}
+	if asJSON {
+		emit("Classify", reply)
+		return true
 	}
 	for _, result := range reply.GetResults() {
 		for _, label := range result.GetLabels() {
@@ -117,14 +156,21 @@ func generate(client sidecarv1.InferenceClient, model, prompt string) bool {
 		}
 		if err != nil {
 			// A refused request (wrong task, bad parameter) also arrives here, on the first Recv.
-			if last != nil {
+			if last != nil && !asJSON {
 				fmt.Println()
 			}
 			report("Generate", err)
 			return false
 		}
-		fmt.Print(step.GetText())
+		if asJSON {
+			emit("Generate", step)
+		} else {
+			fmt.Print(step.GetText())
+		}
 		last = step
+	}
+	if asJSON {
+		return true
 	}
 	fmt.Println()
 	// finish_reason, usage and metadata are set on the last message only.
