@@ -1,5 +1,8 @@
 package dev.sidecar.example;
 
+import com.google.protobuf.InvalidProtocolBufferException;
+import com.google.protobuf.MessageOrBuilder;
+import com.google.protobuf.util.JsonFormat;
 import dev.sidecar.v1.Classification;
 import dev.sidecar.v1.ClassifyRequest;
 import dev.sidecar.v1.ClassifyResponse;
@@ -17,6 +20,7 @@ import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
+import java.util.Arrays;
 import java.util.Iterator;
 import java.util.concurrent.TimeUnit;
 
@@ -25,15 +29,20 @@ import java.util.concurrent.TimeUnit;
  * $TRANSFORMERS_SIDECAR_ADDRESS (host:port, or unix:///path/to.sock; default 127.0.0.1:50051).
  *
  * <p>Arguments, all optional: --classify-model=NAME, --generate-model=NAME, --prompt=TEXT (an
- * empty model name selects the server's default model).
+ * empty model name selects the server's default model), --json (print each reply, and each
+ * failed call's status, as one JSON line instead of a summary).
  */
 public final class Main {
   private Main() {}
+
+  /** --json: replies and failures as JSON lines, for scripts and tests. */
+  private static boolean asJson;
 
   public static void main(String[] args) throws InterruptedException {
     String classifyModel = option(args, "--classify-model=", "");
     String generateModel = option(args, "--generate-model=", "");
     String prompt = option(args, "--prompt=", "The sidecar answered");
+    asJson = Arrays.asList(args).contains("--json");
 
     String target = System.getenv("TRANSFORMERS_SIDECAR_ADDRESS");
     if (target == null || target.isEmpty()) {
@@ -65,9 +74,46 @@ public final class Main {
     return fallback;
   }
 
+  /**
+   * Prints a reply as {"call": ..., "reply": ...}, the reply as JsonFormat writes it (the proto's
+   * JSON mapping: lowerCamel names, enums by name, 64-bit ints as strings).
+   */
+  private static void emit(String call, MessageOrBuilder reply) {
+    try {
+      String body = JsonFormat.printer().omittingInsignificantWhitespace().print(reply);
+      System.out.println("{\"call\":" + quote(call) + ",\"reply\":" + body + "}");
+    } catch (InvalidProtocolBufferException e) {
+      throw new IllegalStateException(e);
+    }
+  }
+
+  /** A JSON string literal. */
+  private static String quote(String text) {
+    StringBuilder out = new StringBuilder("\"");
+    for (char c : text.toCharArray()) {
+      if (c == '"' || c == '\\') {
+        out.append('\\').append(c);
+      } else if (c < 0x20) {
+        out.append(String.format("\\u%04x", (int) c));
+      } else {
+        out.append(c);
+      }
+    }
+    return out.append('"').toString();
+  }
+
   /** Prints a failed call's gRPC status code and message. */
   private static void report(String call, StatusRuntimeException e) {
     Status status = e.getStatus();
+    if (asJson) {
+      String description = status.getDescription();
+      String message =
+          description == null || description.isEmpty() ? "" : ",\"message\":" + quote(description);
+      System.out.println(
+          "{\"call\":" + quote(call) + ",\"code\":" + quote(status.getCode().name()) + message
+              + "}");
+      return;
+    }
     System.out.println(call + " failed: " + status.getCode() + ": " + status.getDescription());
   }
 
@@ -80,6 +126,10 @@ public final class Main {
             .build();
     try {
       EmbedResponse reply = inference.withDeadlineAfter(2, TimeUnit.SECONDS).embed(request);
+      if (asJson) {
+        emit("Embed", reply);
+        return true;
+      }
       for (Embedding e : reply.getEmbeddingsList()) {
         System.out.println(
             "embedding: " + e.getValuesCount() + " floats, " + e.getTokenCount()
@@ -105,6 +155,10 @@ public final class Main {
             .build();
     try {
       ClassifyResponse reply = inference.withDeadlineAfter(2, TimeUnit.SECONDS).classify(request);
+      if (asJson) {
+        emit("Classify", reply);
+        return true;
+      }
       for (Classification result : reply.getResultsList()) {
         for (LabelScore label : result.getLabelsList()) {
           System.out.printf("label %s %.3f%n", label.getLabel(), label.getScore());
@@ -134,15 +188,23 @@ public final class Main {
           inference.withDeadlineAfter(60, TimeUnit.SECONDS).generate(request);
       while (steps.hasNext()) {
         last = steps.next();
-        System.out.print(last.getText());
-        System.out.flush();
+        if (asJson) {
+          emit("Generate", last);
+        } else {
+          System.out.print(last.getText());
+          System.out.flush();
+        }
       }
     } catch (StatusRuntimeException e) {
-      if (last != null) {
+      // A refused request (wrong task, bad parameter) also arrives here, on the first hasNext().
+      if (last != null && !asJson) {
         System.out.println();
       }
       report("Generate", e);
       return false;
+    }
+    if (asJson) {
+      return true;
     }
     System.out.println();
     if (last == null) {

@@ -1,0 +1,119 @@
+"""The Java caller (clients/java/.../Main.java), built offline from Debian's protoc,
+grpc_java_plugin and grpc-java, protobuf-java and netty jars by clients/java/build-offline.sh,
+against a live `sidecar serve`: what it prints must be what the Python client gets for the
+same calls, replies and refusals alike."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.polyglot import (
+    PROMPT,
+    PROTOS,
+    ROOT,
+    assert_same,
+    cached_build,
+    caller_answers,
+    java_code,
+    python_answers,
+    run_caller,
+    serving,
+    summary_lines,
+)
+
+CLIENT = ROOT / "clients" / "java"
+JARS = Path("/usr/share/java")
+# The jars build-offline.sh compiles against and the caller runs with, by Debian package.
+# libgrpc-java declares none of grpc's own dependencies, so each is named here.
+PACKAGES = {
+    "libgrpc-java": ["grpc-api", "grpc-context", "grpc-core", "grpc-netty", "grpc-stub"],
+    "libprotobuf-java": ["protobuf", "protobuf-util"],
+    "libgoogle-common-protos-java": ["proto-google-common-protos"],
+    "libnetty-java": ["netty-codec-http2", "netty-handler-proxy", "netty-transport"],
+    "libguava-java": ["guava"],
+    "libgoogle-gson-java": ["gson"],
+    "libperfmark-java": ["perfmark-api"],
+    # Compile time only: @javax.annotation.Generated, and the annotations guava's classes carry.
+    "libgeronimo-annotation-1.3-spec-java": ["geronimo-annotation-1.3-spec"],
+    "liberror-prone-java": ["error-prone-annotations"],
+}
+
+
+def missing_package() -> str | None:
+    """The first Debian package the offline build needs that is not installed."""
+    needs: dict[str, object] = {
+        "default-jdk-headless": shutil.which("javac") and shutil.which("jar"),
+        "protobuf-compiler": shutil.which("protoc"),
+        "protobuf-compiler-grpc-java-plugin": shutil.which("grpc_java_plugin"),
+    }
+    for package, jars in PACKAGES.items():
+        needs[package] = all((JARS / f"{jar}.jar").is_file() for jar in jars)
+    return next((package for package, found in needs.items() if not found), None)
+
+
+MISSING = missing_package()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        MISSING is not None,
+        reason=f"Debian package {MISSING} is missing: `make debian-tools` installs it",
+    ),
+]
+
+
+def toolchain() -> bytes:
+    """What else the jar is built from: the JDK, protoc and the Debian packages' versions."""
+    javac = subprocess.run(["javac", "-version"], capture_output=True, text=True)
+    protoc = subprocess.run(["protoc", "--version"], capture_output=True, text=True)
+    packages = subprocess.run(
+        ["dpkg-query", "-W", "protobuf-compiler-grpc-java-plugin", *PACKAGES],
+        capture_output=True,
+        text=True,
+    )  # without dpkg, the jars' versioned names still say which versions they are
+    jars = [str((JARS / f"{jar}.jar").resolve()) for jars in PACKAGES.values() for jar in jars]
+    return "\n".join([javac.stdout, javac.stderr, protoc.stdout, packages.stdout, *jars]).encode()
+
+
+@pytest.fixture(scope="session")
+def java_caller() -> list[str]:
+    """`java -jar` the jar built by build-offline.sh, kept under .cache/ by a digest of its
+    inputs."""
+    jar = cached_build(
+        ROOT / ".cache" / "java-client" / "sidecar-example.jar",
+        [*sorted((CLIENT / "src").rglob("*.java")), *PROTOS],
+        toolchain(),
+        CLIENT / "build-offline.sh",
+        {},
+    )
+    return ["java", "-jar", str(jar)]
+
+
+def test_java_client_against_a_live_sidecar(
+    java_caller: list[str],
+    minilm_dir: Path,
+    classifier_dir: Path,
+    gpt2_dir: Path,
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path, minilm_dir, classifier_dir, gpt2_dir) as address:
+        served = python_answers(address, "triage", "gpt2", java_code)
+        flags = ("--classify-model=triage", "--generate-model=gpt2", f"--prompt={PROMPT}")
+        assert_same(caller_answers([*java_caller, "--json", *flags], address), served, "served")
+        # No model arguments: Classify and Generate go to the default, an embedding model, and
+        # are refused (the stream on its first hasNext).
+        refused = python_answers(address, "", "", java_code)
+        assert_same(caller_answers([*java_caller, "--json"], address), refused, "refused")
+        # The summary users see, for the same calls.
+        summary = run_caller(java_caller, address)
+
+    assert served["Generate"]["finishReason"] == "FINISH_REASON_LENGTH"
+    for call in ("Classify", "Generate"):
+        assert refused[call]["code"] == "FAILED_PRECONDITION"
+    assert summary.returncode == 1, summary.stdout + summary.stderr
+    lines = re.sub(r"\d+ µs", "N µs", summary.stdout).splitlines()
+    assert lines == summary_lines(refused), summary.stdout
