@@ -42,8 +42,7 @@ clients/node/node_modules/.package-lock.json: clients/node/package.json clients/
 # grpc-go needs golang/protobuf 1.5, the APIv2 shim: with 1.3 it cannot encode 1.28's
 # messages), and a JDK with Debian's grpc-java and protobuf-java (the Java client, with no
 # Maven repository; libgrpc-java declares almost none of the jars it needs, so they are named).
-# apt-get installs them where it can (as root, or with sudo that asks no password); where it
-# cannot, the tests that need them skip and say which package is missing.
+# tools/install-debian-tools.sh says where they can be installed and what happens if not.
 DEB_PACKAGES := prometheus golang-go golang-google-grpc-dev golang-google-protobuf-dev \
 	golang-google-genproto-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go-grpc \
 	protobuf-compiler default-jdk-headless protobuf-compiler-grpc-java-plugin libgrpc-java \
@@ -51,14 +50,7 @@ DEB_PACKAGES := prometheus golang-go golang-google-grpc-dev golang-google-protob
 	libgoogle-gson-java libperfmark-java libgeronimo-annotation-1.3-spec-java liberror-prone-java
 .PHONY: debian-tools
 debian-tools:  ## install the Debian packages the Prometheus, Go and Java tests use (apt-get)
-	@if dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then apt=apt-get; \
-	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then apt="sudo apt-get"; \
-	else echo "not root and no password-less sudo: the Prometheus, Go and Java tests will skip"; exit 0; fi; \
-	export DEBIAN_FRONTEND=noninteractive; \
-	$$apt install -y -q --no-install-recommends $(DEB_PACKAGES) >/dev/null \
-	|| { $$apt update -q >/dev/null && $$apt install -y -q --no-install-recommends $(DEB_PACKAGES) >/dev/null; } \
-	|| echo "apt-get could not install $(DEB_PACKAGES): the Prometheus, Go and Java tests will skip"
+	@tools/install-debian-tools.sh $(DEB_PACKAGES)
 
 install: $(STAMP) $(NPM_STAMPS)  ## create .venv and node_modules and install the pinned packages
 

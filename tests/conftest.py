@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -34,6 +35,14 @@ def token_ids(responses: Sequence[inference_pb2.GenerateResponse]) -> list[int]:
 def text(responses: Sequence[inference_pb2.GenerateResponse]) -> str:
     """A generation's text, its deltas joined."""
     return "".join(r.text for r in responses)
+
+
+def missing_tool(reason: str) -> None:
+    """Skip a test whose system tool is not installed, but fail it under CI: `make test`
+    installs the tool there (`make debian-tools`), so missing it is a broken install."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run this test)", pytrace=False)
+    pytest.skip(reason)
 
 
 def decode_steps(server: SidecarServer, model: str) -> int:

@@ -26,6 +26,7 @@ func main() {
 	generateModel := flag.String("generate-model", "", "model for Generate (empty: the server's default)")
 	prompt := flag.String("prompt", "The sidecar answered", "prompt for Generate")
 	flag.BoolVar(&asJSON, "json", false, "print each reply as one JSON line instead of a summary")
+	flag.DurationVar(&deadline, "deadline", 2*time.Second, "deadline of the Embed and Classify calls")
 	flag.Parse()
 
 	address := os.Getenv("TRANSFORMERS_SIDECAR_ADDRESS")
@@ -50,6 +51,10 @@ func main() {
 
 // asJSON (-json) prints replies and failures as JSON lines, for scripts and tests.
 var asJSON bool
+
+// deadline (-deadline) bounds Embed and Classify. It includes connecting, which the first
+// call does.
+var deadline time.Duration
 
 // line is one line of -json output: a call's reply, or its failed status.
 type line struct {
@@ -88,7 +93,7 @@ func report(call string, err error) {
 }
 
 func embed(client sidecarv1.InferenceClient) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
 	reply, err := client.Embed(ctx, &sidecarv1.EmbedRequest{
 		Inputs:    []string{"Refund not received", "App crashes on login"},
@@ -111,7 +116,7 @@ func embed(client sidecarv1.InferenceClient) bool {
 }
 
 func classify(client sidecarv1.InferenceClient, model string) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
 	reply, err := client.Classify(ctx, &sidecarv1.ClassifyRequest{
 		Model:  model,

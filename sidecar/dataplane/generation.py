@@ -92,8 +92,10 @@ class Generation:
                     self._finish = chunk.finish
                     yield self._last(chunk)
                     return
+                # Counted as it is handed over: a transport that wrote it may not resume this
+                # generator before the caller's cancel ends it.
+                self._sent += len(chunk.token_ids)
                 yield chunk
-                self._sent += len(chunk.token_ids)  # the transport took it
         finally:
             steps.close()  # a caller that leaves costs at most the step already running
             self._report()

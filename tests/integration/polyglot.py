@@ -58,8 +58,9 @@ def cached_build(
         for stale in built.parent.glob(f"{out.stem}-*"):
             stale.unlink()  # built from sources since changed
         partial = built.with_name(built.name + ".partial")
+        # A cold build takes under a minute here; past ten it is stuck.
         done = subprocess.run(
-            [build, partial], env={**os.environ, **env}, capture_output=True, text=True
+            [build, partial], env={**os.environ, **env}, capture_output=True, text=True, timeout=600
         )
         assert done.returncode == 0, done.stdout + done.stderr
         partial.rename(built)
@@ -134,7 +135,8 @@ def run_caller(command: Sequence[str | Path], address: str) -> subprocess.Comple
     """The caller dialling `address` as the Helm chart tells it to."""
     return subprocess.run(
         command,
-        env={**os.environ, "TRANSFORMERS_SIDECAR_ADDRESS": address},
+        # UTF-8 whatever the machine's locale: the summary prints µs, which Java encodes by it.
+        env={**os.environ, "TRANSFORMERS_SIDECAR_ADDRESS": address, "LC_ALL": "C.UTF-8"},
         capture_output=True,
         text=True,
         timeout=120,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import missing_tool
 from tests.integration.polyglot import (
     PROMPT,
     PROTOS,
@@ -48,23 +49,35 @@ def missing_package() -> str | None:
     return next((package for package, found in needs.items() if not found), None)
 
 
-MISSING = missing_package()
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        MISSING is not None,
-        reason=f"Debian package {MISSING} is missing: `make debian-tools` installs it",
-    ),
-]
+pytestmark = pytest.mark.slow
+
+
+# Session scope, so that it comes before the session-scoped build below.
+@pytest.fixture(scope="session", autouse=True)
+def installed() -> None:
+    """Skips (fails under CI) unless the Debian packages the build needs are there."""
+    if (missing := missing_package()) is not None:
+        missing_tool(f"Debian package {missing} is missing: `make debian-tools` installs it")
 
 
 @pytest.fixture(scope="session")
 def go_caller() -> Path:
     """The caller built by build-offline.sh, kept under .cache/ by a digest of its inputs."""
+    # Rebuilt when Go, protoc or a Debian source package changes, not only the sources.
+    packages = ["golang-google-grpc-dev", "golang-google-protobuf-dev", "protoc-gen-go-grpc"]
+    packages += ["golang-github-golang-protobuf-1-5-dev", "golang-google-genproto-dev"]
+    query = ["dpkg-query", "-W", *packages] if shutil.which("dpkg-query") else ["true"]
+    versions = subprocess.run(query, capture_output=True).stdout
+    toolchain = subprocess.check_output(["go", "version"]) + versions
+    toolchain += subprocess.check_output(["protoc", "--version"])
     return cached_build(
         ROOT / ".cache" / "go-client" / "sidecar-example",
-        [*sorted(CLIENT.glob("*.go")), *PROTOS],
-        subprocess.check_output(["go", "version"]),
+        [
+            *sorted(CLIENT.glob("*.go")),
+            *PROTOS,
+            googleapis_include() / "google" / "rpc" / "status.proto",
+        ],
+        toolchain,
         CLIENT / "build-offline.sh",
         {
             "PROTO_DEPS": str(googleapis_include()),
@@ -76,16 +89,18 @@ def go_caller() -> Path:
 def test_go_client_against_a_live_sidecar(
     go_caller: Path, minilm_dir: Path, classifier_dir: Path, gpt2_dir: Path, tmp_path: Path
 ) -> None:
+    # The 2 s default deadline includes connecting: on a busy CI machine that can pass it.
+    go = [go_caller, "-deadline", "30s"]
     with serving(tmp_path, minilm_dir, classifier_dir, gpt2_dir) as address:
         served = python_answers(address, "triage", "gpt2", go_code)
         flags = ("-classify-model", "triage", "-generate-model", "gpt2", "-prompt", PROMPT)
-        assert_same(caller_answers([go_caller, "-json", *flags], address), served, "served")
+        assert_same(caller_answers([*go, "-json", *flags], address), served, "served")
         # No model flags: Classify and Generate go to the default, an embedding model, and
         # are refused (the stream on its first Recv).
         refused = python_answers(address, "", "", go_code)
-        assert_same(caller_answers([go_caller, "-json"], address), refused, "refused")
+        assert_same(caller_answers([*go, "-json"], address), refused, "refused")
         # The summary users see, for the same calls.
-        summary = run_caller([go_caller], address)
+        summary = run_caller(go, address)
 
     assert served["Generate"]["finishReason"] == "FINISH_REASON_LENGTH"
     for call in ("Classify", "Generate"):

@@ -53,11 +53,18 @@ def _same_line(expected: str, actual: str) -> bool:
     if ELIDED in expected:
         pattern = ".*".join(re.escape(part) for part in expected.split(ELIDED))
         return re.fullmatch(pattern, actual) is not None
-    # Same text around the numbers, and the numbers equal to float32 print precision.
+    # Same text around the numbers; floats equal to float32 print precision, integers (token
+    # ids, counts) exactly.
     if NUMBER.sub("#", expected) != NUMBER.sub("#", actual):
         return False
     pairs = zip(NUMBER.findall(expected), NUMBER.findall(actual), strict=True)
-    return all(math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-6) for a, b in pairs)
+    return all(_same_number(a, b) for a, b in pairs)
+
+
+def _same_number(expected: str, actual: str) -> bool:
+    if not any(mark in expected + actual for mark in ".eE"):
+        return expected == actual
+    return math.isclose(float(expected), float(actual), rel_tol=1e-4, abs_tol=1e-6)
 
 
 def matches(expected: list[str], actual: list[str]) -> bool:
@@ -84,6 +91,7 @@ def test_the_matcher_holds_lines_to_the_readme() -> None:
     assert not matches(shown, [*output[:2], "    -0.06", *output[3:]])  # another value
     assert not matches(shown, [line.replace("values", "value") for line in output])
     assert not matches(shown, [*output, "extra"])
+    assert not matches(['  "ids": [25416]'], ['  "ids": [25417]'])  # integers exactly
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,12 @@ async def _run(command: str, address: str) -> tuple[int, list[str]]:
     child = await asyncio.create_subprocess_exec(
         str(GRPCURL), *argv[1:], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(child.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(child.communicate(), 60)
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+        raise
     return child.returncode or 0, (out.decode() + err.decode()).splitlines()
 
 

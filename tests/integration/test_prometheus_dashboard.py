@@ -37,7 +37,7 @@ import pytest
 from sidecar.config import ModelSettings
 from sidecar.v1 import inference_pb2 as pb
 from sidecar.v1.inference_pb2_grpc import InferenceStub
-from tests.conftest import channel_to, local_settings, serving
+from tests.conftest import channel_to, local_settings, missing_tool, serving
 from tools.coldstart import free_port
 from tools.otlp_receiver import OtlpReceiver
 
@@ -357,9 +357,9 @@ async def one_round(stub: InferenceAsyncStub, round_: int) -> None:
 
 @pytest.fixture(scope="module")
 def installed() -> None:
-    """Skips unless the prometheus binary is there."""
+    """Skips (fails under CI) unless the prometheus binary is there."""
     if not Path(PROMETHEUS).exists():
-        pytest.skip(
+        missing_tool(
             "prometheus is not installed: it is Debian's `prometheus` package, which "
             "`make debian-tools` (run by `make test`) installs"
         )
@@ -389,12 +389,17 @@ async def scraped(
                 start = await prometheus.scraped_after(0)
                 stub = InferenceStub(channel)
                 await one_round(stub, 1)
-                between = await prometheus.scraped_after(time.time() + 0.2)
-                await one_round(stub, 2)
-                after = await prometheus.scraped_after(time.time() + 0.2)
                 # A step of the range lands within STEP_S after the last scrape; its rate()
-                # window must reach back to the scrape between the rounds.
-                assert after - between + STEP_S <= RATE_INTERVAL_S, "the round took too long"
+                # window must reach back to the scrape between the rounds. A round slowed by
+                # a busy machine is run again rather than failing the module.
+                for attempt in range(3):
+                    between = await prometheus.scraped_after(time.time() + 0.2)
+                    await one_round(stub, 2 + attempt)
+                    after = await prometheus.scraped_after(time.time() + 0.2)
+                    if after - between + STEP_S <= RATE_INTERVAL_S:
+                        break
+                else:
+                    pytest.fail(f"three rounds each took longer than {RATE_INTERVAL_S} s")
                 await asyncio.sleep(STEP_S)
                 yield Scraped(prometheus, start - STEP_S, time.time())
     finally:

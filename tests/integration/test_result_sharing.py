@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -94,7 +95,9 @@ def counter(server: SidecarServer, name: str, **labels: str) -> float:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(2000):
+    # By the clock, not a count of polls: on a loaded machine each poll may take far longer.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         if condition():
             return
         await asyncio.sleep(0.005)

@@ -30,7 +30,8 @@ import java.util.concurrent.TimeUnit;
  *
  * <p>Arguments, all optional: --classify-model=NAME, --generate-model=NAME, --prompt=TEXT (an
  * empty model name selects the server's default model), --json (print each reply, and each
- * failed call's status, as one JSON line instead of a summary).
+ * failed call's status, as one JSON line instead of a summary), --deadline-ms=N (Embed's and
+ * Classify's deadline, 2000 by default; it includes connecting, which the first call does).
  */
 public final class Main {
   private Main() {}
@@ -38,11 +39,15 @@ public final class Main {
   /** --json: replies and failures as JSON lines, for scripts and tests. */
   private static boolean asJson;
 
+  /** --deadline-ms: the deadline of Embed and Classify. */
+  private static long deadlineMs;
+
   public static void main(String[] args) throws InterruptedException {
     String classifyModel = option(args, "--classify-model=", "");
     String generateModel = option(args, "--generate-model=", "");
     String prompt = option(args, "--prompt=", "The sidecar answered");
     asJson = Arrays.asList(args).contains("--json");
+    deadlineMs = Long.parseLong(option(args, "--deadline-ms=", "2000"));
 
     String target = System.getenv("TRANSFORMERS_SIDECAR_ADDRESS");
     if (target == null || target.isEmpty()) {
@@ -125,7 +130,7 @@ public final class Main {
             .setNormalize(true) // optional field: unset = the model's default
             .build();
     try {
-      EmbedResponse reply = inference.withDeadlineAfter(2, TimeUnit.SECONDS).embed(request);
+      EmbedResponse reply = inference.withDeadlineAfter(deadlineMs, TimeUnit.MILLISECONDS).embed(request);
       if (asJson) {
         emit("Embed", reply);
         return true;
@@ -154,7 +159,7 @@ public final class Main {
             .setTopK(3)
             .build();
     try {
-      ClassifyResponse reply = inference.withDeadlineAfter(2, TimeUnit.SECONDS).classify(request);
+      ClassifyResponse reply = inference.withDeadlineAfter(deadlineMs, TimeUnit.MILLISECONDS).classify(request);
       if (asJson) {
         emit("Classify", reply);
         return true;
