@@ -131,7 +131,7 @@ class DecodeScheduler:
     async def _regroup(self, answered: list[Sequence]) -> None:
         """Let the generations just answered ask for their next steps before a job is cut.
 
-        Each asks as soon as its task runs, one turn of the event loop after its answer; a
+        Each asks in its answer's done-callback, one turn of the event loop after the answer; a
         job cut before that would leave them out, and the two groups would then take turns
         for good, each step half as full (and each change of company re-packs the caches).
         """

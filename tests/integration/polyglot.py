@@ -1,7 +1,7 @@
 """What the polyglot caller tests share (test_go_client.py, test_java_client.py): the build
 kept under .cache/, a live sidecar serving MiniLM, a classifier and a GPT-2, the calls the
 callers make asked of the Python client, the callers' JSON lines read back, and the
-comparison of the two."""
+comparison of the two (check_caller, the whole test but for each caller's spelling)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
@@ -197,3 +198,31 @@ def assert_same(caller: object, python: object, where: str = "") -> None:
         )
     else:
         assert caller == python, f"{where}: {caller!r} != {python!r}"
+
+
+def check_caller(
+    caller: Sequence[str | Path],
+    json_flag: str,
+    model_flags: Sequence[str],
+    code_name: CodeName,
+    models: tuple[Path, Path, Path],
+    tmp_path: Path,
+) -> None:
+    """The caller against a live sidecar: its JSON lines with `model_flags` (triage, gpt2,
+    PROMPT) and without them (Classify and Generate then go to the default, an embedding
+    model, and are refused), and its plain summary of the refused calls, each what the
+    Python client gets for the same calls. `models`: the MiniLM, classifier and GPT-2 dirs."""
+    with serving(tmp_path, *models) as address:
+        served = python_answers(address, "triage", "gpt2", code_name)
+        assert_same(caller_answers([*caller, json_flag, *model_flags], address), served, "served")
+        refused = python_answers(address, "", "", code_name)
+        assert_same(caller_answers([*caller, json_flag], address), refused, "refused")
+        # The summary users see, for the same calls.
+        summary = run_caller(caller, address)
+
+    assert served["Generate"]["finishReason"] == "FINISH_REASON_LENGTH"
+    for call in ("Classify", "Generate"):
+        assert refused[call]["code"] == code_name(grpc.StatusCode.FAILED_PRECONDITION)
+    assert summary.returncode == 1, summary.stdout + summary.stderr
+    lines = re.sub(r"\d+ µs", "N µs", summary.stdout).splitlines()
+    assert lines == summary_lines(refused), summary.stdout

@@ -4,7 +4,6 @@ be what the Python client gets for the same calls, replies and refusals alike.""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,14 +15,9 @@ from tests.integration.polyglot import (
     PROMPT,
     PROTOS,
     ROOT,
-    assert_same,
     cached_build,
-    caller_answers,
+    check_caller,
     go_code,
-    python_answers,
-    run_caller,
-    serving,
-    summary_lines,
 )
 from tools.protogen import googleapis_include
 
@@ -90,21 +84,11 @@ def test_go_client_against_a_live_sidecar(
     go_caller: Path, minilm_dir: Path, classifier_dir: Path, gpt2_dir: Path, tmp_path: Path
 ) -> None:
     # The 2 s default deadline includes connecting: on a busy CI machine that can pass it.
-    go = [go_caller, "-deadline", "30s"]
-    with serving(tmp_path, minilm_dir, classifier_dir, gpt2_dir) as address:
-        served = python_answers(address, "triage", "gpt2", go_code)
-        flags = ("-classify-model", "triage", "-generate-model", "gpt2", "-prompt", PROMPT)
-        assert_same(caller_answers([*go, "-json", *flags], address), served, "served")
-        # No model flags: Classify and Generate go to the default, an embedding model, and
-        # are refused (the stream on its first Recv).
-        refused = python_answers(address, "", "", go_code)
-        assert_same(caller_answers([*go, "-json"], address), refused, "refused")
-        # The summary users see, for the same calls.
-        summary = run_caller(go, address)
-
-    assert served["Generate"]["finishReason"] == "FINISH_REASON_LENGTH"
-    for call in ("Classify", "Generate"):
-        assert refused[call]["code"] == "FailedPrecondition"
-    assert summary.returncode == 1, summary.stdout + summary.stderr
-    lines = re.sub(r"\d+ µs", "N µs", summary.stdout).splitlines()
-    assert lines == summary_lines(refused), summary.stdout
+    check_caller(
+        [go_caller, "-deadline", "30s"],
+        "-json",
+        ("-classify-model", "triage", "-generate-model", "gpt2", "-prompt", PROMPT),
+        go_code,
+        (minilm_dir, classifier_dir, gpt2_dir),
+        tmp_path,
+    )

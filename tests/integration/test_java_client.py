@@ -5,7 +5,6 @@ same calls, replies and refusals alike."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,14 +16,9 @@ from tests.integration.polyglot import (
     PROMPT,
     PROTOS,
     ROOT,
-    assert_same,
     cached_build,
-    caller_answers,
+    check_caller,
     java_code,
-    python_answers,
-    run_caller,
-    serving,
-    summary_lines,
 )
 
 CLIENT = ROOT / "clients" / "java"
@@ -104,21 +98,11 @@ def test_java_client_against_a_live_sidecar(
     tmp_path: Path,
 ) -> None:
     # The 2 s default deadline includes connecting: a cold JVM on a busy machine can pass it.
-    java = [*java_caller, "--deadline-ms=30000"]
-    with serving(tmp_path, minilm_dir, classifier_dir, gpt2_dir) as address:
-        served = python_answers(address, "triage", "gpt2", java_code)
-        flags = ("--classify-model=triage", "--generate-model=gpt2", f"--prompt={PROMPT}")
-        assert_same(caller_answers([*java, "--json", *flags], address), served, "served")
-        # No model arguments: Classify and Generate go to the default, an embedding model, and
-        # are refused (the stream on its first hasNext).
-        refused = python_answers(address, "", "", java_code)
-        assert_same(caller_answers([*java, "--json"], address), refused, "refused")
-        # The summary users see, for the same calls.
-        summary = run_caller(java, address)
-
-    assert served["Generate"]["finishReason"] == "FINISH_REASON_LENGTH"
-    for call in ("Classify", "Generate"):
-        assert refused[call]["code"] == "FAILED_PRECONDITION"
-    assert summary.returncode == 1, summary.stdout + summary.stderr
-    lines = re.sub(r"\d+ µs", "N µs", summary.stdout).splitlines()
-    assert lines == summary_lines(refused), summary.stdout
+    check_caller(
+        [*java_caller, "--deadline-ms=30000"],
+        "--json",
+        ("--classify-model=triage", "--generate-model=gpt2", f"--prompt={PROMPT}"),
+        java_code,
+        (minilm_dir, classifier_dir, gpt2_dir),
+        tmp_path,
+    )
